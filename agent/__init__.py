@@ -1,0 +1,1 @@
+"""The daemon: mail sources, parsing, triage, routing, teachers, actions, scheduler, review."""

@@ -1,0 +1,97 @@
+"""`config validate`, `db upgrade|downgrade|current` and `status`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from agent.cli.common import EXIT_CONFIG, JsonOpt, app_context, emit, fail
+from config import ConfigError, load_settings
+
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+db_app = typer.Typer(help="Create and migrate the database schema.", no_args_is_help=True)
+
+
+@config_app.command("validate")
+def config_validate(
+    ctx: typer.Context,
+    file: Annotated[Optional[Path], typer.Argument(
+        help="TOML file to check (default: --config / $UNDERSTUDY_CONFIG).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report every problem in a config file at once, with its key path; exit 2 if any."""
+    path = file or app_context(ctx).config_path
+    try:
+        s = load_settings(path)
+    except ConfigError as e:
+        if as_json:
+            emit("", {"ok": False, "source": e.source,
+                      "problems": [{"key": k, "message": m} for k, m in e.problems]}, True)
+        else:
+            typer.echo(str(e), err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    emit(f"ok: {path or 'defaults'} ({len(s.accounts)} account(s), "
+         f"{len(s.taxonomy.categories)} categories, teacher {s.teacher.backend}:{s.teacher.model})",
+         {"ok": True, "source": str(path), "accounts": len(s.accounts)}, as_json)
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context,
+               revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+               as_json: JsonOpt = False) -> None:
+    """Create or migrate the schema to REVISION (default: the newest)."""
+    db = app_context(ctx).database(migrated=False)
+    before = db.current_revision()
+    db.upgrade(revision)
+    after = db.current_revision()
+    emit(f"database {db.redacted_url()}: {before or 'empty'} -> {after}",
+         {"url": db.redacted_url(), "from": before, "to": after}, as_json)
+
+
+@db_app.command("downgrade")
+def db_downgrade(ctx: typer.Context,
+                 revision: Annotated[str, typer.Argument(
+                     help="Target revision: 'base' drops every table, '-1' one step.")] = "-1",
+                 as_json: JsonOpt = False) -> None:
+    """Step the schema back to REVISION (default: one migration)."""
+    db = app_context(ctx).database(migrated=False)
+    before = db.current_revision()
+    if before is None:
+        fail("database has no schema; nothing to downgrade")
+    db.downgrade(revision)
+    after = db.current_revision()
+    emit(f"database {db.redacted_url()}: {before} -> {after or 'empty'}",
+         {"url": db.redacted_url(), "from": before, "to": after}, as_json)
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Show the schema revision and whether it is the newest."""
+    db = app_context(ctx).database(migrated=False)
+    cur, head = db.current_revision(), db.head_revision()
+    emit(f"{db.redacted_url()}: {cur or 'empty'} (newest {head})",
+         {"url": db.redacted_url(), "current": cur, "head": head, "up_to_date": cur == head},
+         as_json)
+
+
+def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Queue depth, parse errors, teacher failures and spend, active model, audits."""
+    from storage.queries import status_snapshot
+
+    actx = app_context(ctx)
+    db = actx.database()
+    snap = status_snapshot(db, actx.settings)
+    if as_json:
+        emit("", snap, True)
+        return
+    from agent.status_view import render_status
+
+    typer.echo(render_status(snap))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(config_app, name="config")
+    app.add_typer(db_app, name="db")
+    app.command("status")(status)

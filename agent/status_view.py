@@ -1,0 +1,35 @@
+"""Human-readable rendering of ``storage.queries.status_snapshot``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def render_status(snap: dict[str, Any]) -> str:
+    m = snap["messages"]
+    t = snap["teacher"]
+    states = ", ".join(f"{k} {v}" for k, v in sorted(m["by_state"].items())) or "none"
+    lines = [
+        f"database     {snap['database']}",
+        f"messages     {m['total']} ({states}); backlog {m['backlog']}",
+        f"decisions    " + (", ".join(f"{k} {v}" for k, v in sorted(
+            snap["decisions_by_source"].items())) or "none"),
+        f"teacher      spent ${t['spend_today_usd']:.4f} today of ${t['daily_cap_usd']:.2f} cap"
+        + ("  ** PAUSED: daily spend cap reached; escalations wait **" if t["paused_by_cap"]
+           else ""),
+    ]
+    models = snap["active_models"]
+    lines.append("student      " + (", ".join(f"{x['kind']} {x['version']}" for x in models)
+                                    or "none yet (cold start: the teacher decides everything)"))
+    pe = snap["parse_errors"]
+    lines.append(f"parse errors {pe['count']}")
+    lines += [f"  #{r['id']} {r['subject']!r}: {r['error']}" for r in pe["recent"]]
+    lines.append(f"model-call errors (24h) {snap['model_call_errors_24h']}")
+    lines += [f"  call #{r['id']} ({r['role']}, message {r['message_id']}): {r['error']}"
+              for r in snap["recent_model_call_errors"]]
+    run = snap["last_training_run"]
+    if run:
+        lines.append(f"last retrain #{run['id']} {run['status']} candidate={run['candidate']} "
+                     f"promoted={run['promoted']}" + (f" error={run['error']}" if run["error"]
+                                                       else ""))
+    return "\n".join(lines)

