@@ -21,6 +21,7 @@ pytest_plugins = [
     "tests.fixtures.databases",
     "tests.fixtures.dovecot",
     "tests.fixtures.messages_api",
+    "tests.fixtures.vllm",
 ]
 
 
