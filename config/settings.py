@@ -132,10 +132,26 @@ class RouterSettings(_Section):
 
 
 PRICES_PER_MTOK = {
-    # Published list prices, USD per million tokens: input, output; cache writes cost
-    # 1.25x input (5-minute TTL) and cache reads 0.1x input.
+    # Published list prices (platform.claude.com/docs/en/about-claude/pricing, checked
+    # 2026-11-22), USD per million tokens: (input, output[, cache read]). Cache writes
+    # cost 1.25x input (5-minute TTL); cache reads 0.1x input unless a third price is
+    # given (newer models discount cache hits further). Haiku 5.5 is priced for prompts
+    # up to 100k tokens (longer prompts cost 5x; triage prompts never get there).
+    "claude-fable-5-1": (10.0, 50.0, 0.25),
+    "claude-mythos-5-1": (10.0, 50.0, 0.25),
+    "claude-fable-5": (10.0, 50.0),
+    "claude-mythos-5": (10.0, 50.0),
+    "claude-opus-5-5": (4.0, 20.0, 0.20),
+    "claude-opus-5": (5.0, 25.0),
+    "claude-opus-4-8": (5.0, 25.0),
+    "claude-opus-4-7": (5.0, 25.0),
+    "claude-opus-4-6": (5.0, 25.0),
     "claude-opus-4-5": (5.0, 25.0),
+    "claude-sonnet-5-5": (2.0, 10.0, 0.10),
+    "claude-sonnet-5": (2.0, 10.0),
+    "claude-sonnet-4-6": (3.0, 15.0),
     "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-haiku-5-5": (0.10, 0.50, 0.01),
     "claude-haiku-4-5": (1.0, 5.0),
 }
 
@@ -165,8 +181,9 @@ class TeacherSettings(_Section):
     def price_table(self) -> PriceTable:
         if self.prices is not None:
             return self.prices
-        inp, out = PRICES_PER_MTOK.get(_model_family(self.model), (3.0, 15.0))
-        return PriceTable(input=inp, output=out, cache_write=inp * 1.25, cache_read=inp * 0.1)
+        inp, out, *read = PRICES_PER_MTOK.get(_model_family(self.model), (3.0, 15.0))
+        return PriceTable(input=inp, output=out, cache_write=inp * 1.25,
+                          cache_read=read[0] if read else inp * 0.1)
 
     @model_validator(mode="after")
     def _records_for_recorded(self) -> "TeacherSettings":
