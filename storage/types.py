@@ -91,6 +91,12 @@ class TeacherResult:
     latency_ms: float = 0.0
     request_id: str | None = None
     error: str | None = None                  # set when the answer is unusable
+    # --- added by the teacher capability (issue 4): what the model_calls row needs ---
+    retries: int = 0                          # attempts beyond the first (429/529/5xx/timeout)
+    backend: str = ""                         # anthropic | anthropic-batch | openai | recorded
+    input_digest: str = ""                    # sha256 of the exact prompt sent
+    raw_output: str | None = None             # the model's text, kept when it was invalid
+    batch_id: str | None = None               # Message Batches id for backfill answers
 
     @property
     def ok(self) -> bool:
