@@ -1,0 +1,1 @@
+"""Replay a labelled stream through the cascade (``understudy simulate``) and its data files."""
