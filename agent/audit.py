@@ -25,16 +25,22 @@ log = get_logger(component="audit")
 
 
 def audit_output(student_version: str | None, student_category: str,
-                 teacher_category: str | None) -> dict[str, Any]:
-    """The ``output`` of an audit call row: both labels and whether they agree."""
-    return {"student_version": student_version, "student_category": student_category,
+                 teacher_category: str | None, teacher_answer: dict | None = None
+                 ) -> dict[str, Any]:
+    """The ``output`` of an audit call row: the teacher's answer (``category`` etc., which
+    storage.datasets reads as a training label) plus the student's label and agreement."""
+    return {**(teacher_answer or {}), "category": teacher_category,
+            "student_version": student_version, "student_category": student_category,
             "teacher_category": teacher_category,
             "agree": teacher_category is not None and student_category == teacher_category}
 
 
 def promised_epsilon(stored_thresholds: dict | None, default: float) -> float:
     """The risk the model promised (stored with it), else the configured target risk."""
-    eps = (stored_thresholds or {}).get("epsilon")
+    stored = stored_thresholds or {}
+    eps = stored.get("epsilon")
+    if eps is None and isinstance(stored.get("category"), dict):
+        eps = stored["category"].get("epsilon")     # per-head shape of distill.classifier
     return float(eps) if isinstance(eps, (int, float)) else default
 
 

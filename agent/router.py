@@ -113,8 +113,9 @@ class Router:
 def thresholds_of(stored: Mapping | None) -> dict[str, float]:
     """Per-head thresholds from what a model version stores.
 
-    Accepts ``{"category": 0.93, ...}`` or ``{"heads": {"category": {"threshold": 0.93}}}``
-    or ``{"category": {"threshold": 0.93, "epsilon": ...}}``.
+    Accepts ``{"category": 0.93, ...}``, ``{"heads": {"category": {"threshold": 0.93}}}``
+    or ``{"category": {"threshold": 0.93, "trained": True, "epsilon": ...}}`` (the shape
+    distill.classifier.Classifier.thresholds has); untrained heads are left out.
     """
     if not stored:
         return {}
@@ -123,6 +124,9 @@ def thresholds_of(stored: Mapping | None) -> dict[str, float]:
     for head in HEADS:
         v = src.get(head) if isinstance(src, Mapping) else None
         if isinstance(v, Mapping):
+            # A head the model never saw labels for does not vote (its output is a default).
+            if v.get("trained") is False:
+                continue
             v = v.get("threshold")
         if isinstance(v, (int, float)):
             out[head] = float(v)

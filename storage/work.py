@@ -15,10 +15,11 @@ daemon lets only one worker use a SQLite database (a file lock, see agent.daemon
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.models import Account, DecisionRow, KeyValue, Mailbox, Message
@@ -253,19 +254,20 @@ def lease_holder(db: Database, mailbox: int) -> tuple[str | None, datetime | Non
 
 # --- decisions: commit first, act after ------------------------------------------------
 
-def record_calls(db: Database, calls: Sequence[dict]) -> list[int]:
-    """Insert model_calls rows (each a dict of ModelCall columns) outside a decision."""
-    from storage.models import ModelCall
+CallWriter = Callable[[Session, int | None], int]
+"""Writes one model_calls row in the given session for a message id; returns the row id
+(e.g. a closure over storage.calls.record_call or record_teacher_result)."""
 
+
+def record_calls(db: Database, calls: Sequence[CallWriter],
+                 message_id: int | None = None) -> list[int]:
+    """Write model_calls rows outside a decision (failed teacher calls, audits)."""
     with db.session() as s:
-        rows = [ModelCall(**c) for c in calls]
-        s.add_all(rows)
-        s.flush()
-        return [r.id for r in rows]
+        return [c(s, message_id) for c in calls]
 
 
 def commit_decision(db: Database, message_id: int, worker_id: str, *, decision: dict,
-                    calls: Sequence[dict], deciding_call: int | None = None,
+                    calls: Sequence[CallWriter], deciding_call: int | None = None,
                     draft: dict | None = None) -> bool:
     """Commit the one decision of a claimed message with its model_calls and draft rows.
 
@@ -274,7 +276,7 @@ def commit_decision(db: Database, message_id: int, worker_id: str, *, decision: 
     nothing) when the message is no longer claimed by ``worker_id`` or already has a
     decision, so a worker whose claim was recovered after a stall never decides twice.
     """
-    from storage.models import DraftRow, ModelCall
+    from storage.models import DraftRow
 
     with db.session() as s:
         q = select(Message).where(Message.id == message_id)
@@ -285,12 +287,10 @@ def commit_decision(db: Database, message_id: int, worker_id: str, *, decision: 
             return False
         if s.scalar(select(DecisionRow.id).where(DecisionRow.message_id == message_id)):
             return False
-        rows = [ModelCall(message_id=message_id, **c) for c in calls]
-        s.add_all(rows)
-        s.flush()
+        call_ids = [c(s, message_id) for c in calls]
         d = DecisionRow(message_id=message_id, **decision,
-                        model_call_id=rows[deciding_call].id if deciding_call is not None
-                        and rows else None)
+                        model_call_id=call_ids[deciding_call] if deciding_call is not None
+                        else None)
         s.add(d)
         s.flush()
         if draft is not None:

@@ -8,6 +8,7 @@ import pytest
 
 from agent.audit import audit_output, check, promised_epsilon
 from agent.router import Router, thresholds_of
+from storage.calls import record_call
 from storage.types import Draft, Email, Triage
 from storage.work import clopper_pearson, record_calls
 
@@ -102,9 +103,12 @@ def test_clopper_pearson_covers_the_true_rate():
 
 def test_live_disagreement_and_breach(sqlite_db, caplog):
     def audits(n, disagree, version="v1"):
-        return [dict(role="teacher", purpose="audit", model_id="claude",
-                     output=audit_output(version, "technical",
-                                         "billing" if i < disagree else "technical"))
+        def writer(out):
+            return lambda s, mid: record_call(s, message_id=mid, role="teacher",
+                                              purpose="audit", backend="t", model_id="claude",
+                                              output=out)
+        return [writer(audit_output(version, "technical",
+                                    "billing" if i < disagree else "technical"))
                 for i in range(n)]
 
     record_calls(sqlite_db, audits(200, 2) + audits(50, 50, version="v0"))
@@ -114,3 +118,13 @@ def test_live_disagreement_and_breach(sqlite_db, caplog):
     record_calls(sqlite_db, audits(100, 20))
     bad = check(sqlite_db, student_version="v1", epsilon=0.02)
     assert bad["n"] == 300 and bad["breach"] and bad["interval"][0] > 0.02
+
+
+def test_per_head_shape_of_the_classifier():
+    stored = {"category": {"trained": True, "threshold": 0.9, "epsilon": 0.03},
+              "priority": {"trained": False, "threshold": None},
+              "needs_reply": {"trained": True, "threshold": 0.7}}
+    assert thresholds_of(stored) == {"category": 0.9, "needs_reply": 0.7}
+    assert promised_epsilon(stored, 0.02) == 0.03
+    t = Triage("technical", "normal", False, confidence={"category": 0.95, "needs_reply": 0.8})
+    assert not Router().route(_email(), t, None, thresholds_of(stored)).escalate

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import func, select
 
 from storage import work
+from storage.calls import record_call
 from storage.models import DecisionRow, DraftRow, Message, ModelCall
 
 
@@ -85,7 +86,10 @@ def test_stale_claims_of_a_dead_worker_are_recovered(db):
 def test_commit_decision_once_then_actions(db):
     ids = _seed(db, 1)
     [i] = work.claim_batch(db, "w", 1)
-    call = dict(role="student", purpose="classify", model_id="m", output={"category": "x"})
+    def call(session, message_id):
+        return record_call(session, message_id=message_id, role="student", purpose="classify",
+                           backend="torch", model_id="m", output={"category": "x"})
+
     dec = dict(source="student", category="billing", priority="normal", needs_reply=True)
     draft = dict(source="student", body="Hello", status="to_append", draft_message_id="<d@x>")
     assert work.commit_decision(db, i, "w", decision=dec, calls=[call], deciding_call=0,
