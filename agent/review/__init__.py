@@ -1,0 +1,56 @@
+"""Reviewing escalated drafts: the shared service, the web app and their builders.
+
+Builders turn :class:`config.Settings` into the flat arguments the classes take:
+
+>>> service = build_review_service(settings, db)                  # doctest: +SKIP
+>>> service.approve(7, reviewer="ana", category="billing")        # doctest: +SKIP
+>>> app = build_review_app(settings, db)   # FastAPI; `understudy serve` runs it  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.review.errors import (
+    AlreadyReviewed,
+    AuthNotConfigured,
+    BadPasswordHash,
+    DeliveryFailed,
+    DraftNotFound,
+    InvalidCorrection,
+    ReviewError,
+)
+from agent.review.service import ReviewOutcome, ReviewService
+
+__all__ = [
+    "AlreadyReviewed", "AuthNotConfigured", "BadPasswordHash", "DeliveryFailed",
+    "DraftNotFound", "InvalidCorrection", "ReviewError", "ReviewOutcome", "ReviewService",
+    "build_authenticator", "build_review_app", "build_review_service",
+]
+
+
+def build_review_service(settings: Any, db: Any) -> ReviewService:
+    from agent.review.delivery import appenders_from_settings
+
+    return ReviewService(db, categories=list(settings.taxonomy.categories),
+                         priorities=list(settings.taxonomy.priorities),
+                         appender_for=appenders_from_settings(settings))
+
+
+def build_authenticator(settings: Any):
+    """The login check from ``review.password_hash_env`` / ``review.token_env``."""
+    from agent.review.auth import Authenticator
+    from config.secrets import read_secret
+
+    return Authenticator(
+        password_hash=read_secret(settings.review.password_hash_env, required=False),
+        token=read_secret(settings.review.token_env, required=False))
+
+
+def build_review_app(settings: Any, db: Any, *, reviewer_name: str = "reviewer",
+                     secure_cookies: bool = False):
+    from agent.review.app import create_app
+
+    return create_app(service=build_review_service(settings, db),
+                      authenticator=build_authenticator(settings),
+                      reviewer_name=reviewer_name, secure_cookies=secure_cookies)

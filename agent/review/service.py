@@ -1,0 +1,243 @@
+"""Approve, edit and reject: the review logic the CLI and the web app share.
+
+Every action writes one ``reviews`` row holding the reviewer's final labels (category,
+priority, needs-reply, and the final draft when there is one). Those rows are gold
+labels: the next retrain reads them (``storage.reviews.gold_labels``) over the teacher's
+answers with a higher loss weight (``student.gold_weight``).
+
+Approving follows "commit, then act": the approval, the final text and a Message-ID for
+the reply are committed first, then the draft is appended to the account's Drafts
+folder (or sent, for accounts with ``send_enabled``), then the delivery is recorded. The
+appender is idempotent on that Message-ID and the approval is a conditional UPDATE, so
+approving twice, double-clicking, two reviewers racing or a crash between the steps
+never produce a second draft; a failed delivery keeps the approval and leaves the item
+in the queue, where approving again retries it.
+
+>>> svc = ReviewService(db, categories=["billing", "other"], priorities=["normal"],
+...                     appender_for=lambda account: actions[account].append_draft)  # doctest: +SKIP
+>>> svc.approve(7, reviewer="ana", category="billing")                                 # doctest: +SKIP
+ReviewOutcome(draft_id=7, action='approve', status='approved', delivered=True, ...)
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Protocol, Sequence
+
+from agent.logs import get_logger
+from agent.review.errors import (
+    AlreadyReviewed,
+    DeliveryFailed,
+    DraftNotFound,
+    InvalidCorrection,
+)
+from storage.db import Database
+from storage.reviews import (
+    APPROVED,
+    PENDING,
+    REJECTED,
+    ReviewItem,
+    add_review,
+    claim_for_review,
+    get_item,
+    record_delivery,
+)
+from storage.types import Email
+
+
+class Appender(Protocol):
+    """What ``agent.mail.actions.MailboxActions.append_draft`` looks like to this module.
+
+    Returns an object with ``folder``, ``uidvalidity``, ``uid`` and ``message_id``
+    (``AppendResult``); must never create a second draft for the same Message-ID.
+    """
+
+    def __call__(self, original: Email, body: str, *, draft_message_id: str) -> Any:
+        ...
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    draft_id: int
+    action: str                  # approve | edit | reject
+    status: str                  # approved | rejected
+    changed: bool                # False: it had been done before, nothing new happened
+    delivered: bool
+    folder: str | None = None
+    uid: int | None = None
+    draft_message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Labels:
+    category: str
+    priority: str
+    needs_reply: bool
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$", re.I)
+_AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``"90m"``, ``"12h"``, ``"2d"``, ``"1w"`` -> timedelta.
+
+    >>> parse_age("36h")
+    datetime.timedelta(days=1, seconds=43200)
+    """
+    m = _AGE.match(text or "")
+    if not m:
+        raise ValueError(f"age {text!r} is not a number with a unit m, h, d or w (e.g. 2d)")
+    return timedelta(**{_AGE_UNITS[m.group(2).lower()]: float(m.group(1))})
+
+
+def normalize_body(text: str) -> str:
+    # Browsers submit textareas with CRLF line ends; drafts are stored with LF.
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
+
+
+class ReviewService:
+    """Approve / edit / reject escalated drafts (flat arguments; see ``build_review_service``)."""
+
+    def __init__(self, db: Database, *, categories: Sequence[str], priorities: Sequence[str],
+                 appender_for: Callable[[str | None], Appender]):
+        self.db = db
+        self.categories = list(categories)
+        self.priorities = list(priorities)
+        self._appender_for = appender_for
+
+    # -- public calls -----------------------------------------------------------------
+
+    def item(self, draft_id: int) -> ReviewItem:
+        item = get_item(self.db, draft_id)
+        if item is None:
+            raise DraftNotFound(f"no draft with id {draft_id}; `understudy review list` "
+                                "shows the ids waiting for review")
+        return item
+
+    def approve(self, draft_id: int, *, reviewer: str, final_body: str | None = None,
+                category: str | None = None, priority: str | None = None,
+                needs_reply: bool | None = None) -> ReviewOutcome:
+        """Approve the draft (``final_body`` replaces its text: an edit) and deliver it."""
+        item = self.item(draft_id)
+        log = get_logger(draft_id=draft_id, message_db_id=item.email.db_id,
+                         account=item.email.account, reviewer=reviewer)
+        if item.status == APPROVED and item.delivered:
+            log.info("review.approve.already_done", uid=item.appended_uid)
+            return self._outcome(item, changed=False)
+        if item.status not in (PENDING, APPROVED):
+            raise AlreadyReviewed(f"draft {draft_id} is {item.status}; it cannot be approved "
+                                  "now")
+        changed = False
+        if item.status == PENDING:
+            body = normalize_body(final_body if final_body is not None else item.draft)
+            if not body.strip():
+                raise InvalidCorrection("the final draft is empty; reject the draft instead")
+            labels = self._labels(item, category, priority, needs_reply)
+            action = "approve" if body == normalize_body(item.draft) else "edit"
+            with self.db.session() as s:
+                changed = claim_for_review(s, draft_id, new_status=APPROVED, final_body=body,
+                                           draft_message_id=_new_message_id(item.email))
+                if changed:
+                    add_review(s, message_db_id=item.email.db_id, draft_id=draft_id,
+                               action=action, reviewer=reviewer, category=labels.category,
+                               priority=labels.priority, needs_reply=labels.needs_reply,
+                               final_draft=body, reason=None)
+            log.info("review.approved", action=action, won=changed, **labels.__dict__)
+            item = self.item(draft_id)     # the committed text and Message-ID win races
+            if item.status == REJECTED:
+                raise AlreadyReviewed(f"draft {draft_id} was rejected meanwhile")
+        if not item.delivered:
+            item = self._deliver(item, log)
+        return self._outcome(item, changed=changed)
+
+    def edit(self, draft_id: int, body: str, *, reviewer: str, **labels: Any) -> ReviewOutcome:
+        """Keep ``body`` as the final draft and approve it (recorded as an edit)."""
+        return self.approve(draft_id, reviewer=reviewer, final_body=body, **labels)
+
+    def reject(self, draft_id: int, *, reviewer: str, reason: str,
+               category: str | None = None, priority: str | None = None,
+               needs_reply: bool | None = None) -> ReviewOutcome:
+        """Reject the draft with a reason; nothing is written to the mailbox."""
+        reason = (reason or "").strip()
+        if not reason:
+            raise InvalidCorrection("a rejection needs a reason (it teaches the next student)")
+        item = self.item(draft_id)
+        if item.status == REJECTED:
+            return self._outcome(item, changed=False)
+        if item.status != PENDING:
+            raise AlreadyReviewed(f"draft {draft_id} is {item.status}; it cannot be rejected")
+        labels = self._labels(item, category, priority, needs_reply)
+        with self.db.session() as s:
+            won = claim_for_review(s, draft_id, new_status=REJECTED, final_body=None,
+                                   draft_message_id=None)
+            if won:
+                add_review(s, message_db_id=item.email.db_id, draft_id=draft_id,
+                           action="reject", reviewer=reviewer, category=labels.category,
+                           priority=labels.priority, needs_reply=labels.needs_reply,
+                           final_draft=None, reason=reason)
+        get_logger(draft_id=draft_id, reviewer=reviewer).info(
+            "review.rejected", won=won, **labels.__dict__)
+        item = self.item(draft_id)
+        if item.status != REJECTED:
+            raise AlreadyReviewed(f"draft {draft_id} was {item.status} meanwhile")
+        return self._outcome(item, changed=won)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _labels(self, item: ReviewItem, category: str | None, priority: str | None,
+                needs_reply: bool | None) -> Labels:
+        dec = item.decision
+        cat = category or (dec.category if dec else None)
+        pri = priority or (dec.priority if dec else None)
+        nr = needs_reply if needs_reply is not None else (dec.needs_reply if dec else True)
+        # The decision's own label is accepted even if the taxonomy changed since.
+        if cat is None or (cat not in self.categories and not (dec and cat == dec.category)):
+            raise InvalidCorrection(f"unknown category {cat!r}; choose one of: "
+                                    + ", ".join(self.categories))
+        if pri is None or (pri not in self.priorities and not (dec and pri == dec.priority)):
+            raise InvalidCorrection(f"unknown priority {pri!r}; choose one of: "
+                                    + ", ".join(self.priorities))
+        return Labels(category=cat, priority=pri, needs_reply=bool(nr))
+
+    def _deliver(self, item: ReviewItem, log: Any) -> ReviewItem:
+        appender = self._appender_for(item.email.account)
+        try:
+            res = appender(item.email, item.final_draft or item.draft,
+                           draft_message_id=item.draft_message_id)
+        except Exception as e:  # noqa: BLE001 - any mail error leaves the approval to retry
+            log.warning("review.delivery_failed", error=f"{e.__class__.__name__}: {e}")
+            raise DeliveryFailed(
+                f"draft {item.draft_id} is approved but could not be delivered "
+                f"({e.__class__.__name__}: {e}); it stays in the queue: approve it again "
+                "to retry") from e
+        record_delivery(self.db, item.draft_id, folder=getattr(res, "folder", None),
+                        uidvalidity=getattr(res, "uidvalidity", None),
+                        uid=getattr(res, "uid", None),
+                        message_id=getattr(res, "message_id", None))
+        log.info("review.delivered", folder=getattr(res, "folder", None),
+                 uid=getattr(res, "uid", None))
+        return self.item(item.draft_id)
+
+    @staticmethod
+    def _outcome(item: ReviewItem, *, changed: bool) -> ReviewOutcome:
+        action = item.reviews[-1].action if item.reviews else (
+            "reject" if item.status == REJECTED else "approve")
+        return ReviewOutcome(
+            draft_id=item.draft_id, action=action, status=item.status, changed=changed,
+            delivered=item.delivered, folder=item.appended_folder, uid=item.appended_uid,
+            draft_message_id=item.draft_message_id)
+
+
+def _new_message_id(original: Email) -> str:
+    # Random, but fixed at approval time (stored before the APPEND) so every retry
+    # looks for the same Message-ID in Drafts.
+    domain = "understudy.invalid"
+    for addr in original.to_addrs:
+        if "@" in addr:
+            domain = addr.rsplit("@", 1)[1].strip(" >").lower() or domain
+            break
+    return f"<review.{secrets.token_hex(12)}@{domain}>"
