@@ -46,7 +46,8 @@ def _due_filter(now: datetime):
         and_(Message.state == "waiting",
              or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now)),
         # Decided before a crash, actions not done, and nobody holds it any more.
-        and_(Message.state == CLAIMABLE_DECIDED, Message.claimed_by.is_(None)),
+        and_(Message.state == CLAIMABLE_DECIDED, Message.claimed_by.is_(None),
+             or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now)),
     )
 
 
@@ -104,6 +105,18 @@ def defer(db: Database, message_id: int, worker_id: str, *, delay_s: float, erro
             Message.id == message_id, Message.claimed_by == worker_id,
             Message.state == "claimed").values(
             state="waiting", claimed_by=None, claimed_at=None, last_error=error[:2000],
+            next_attempt_at=now + timedelta(seconds=delay_s))).rowcount == 1
+
+
+def defer_actions(db: Database, message_id: int, worker_id: str, *, delay_s: float,
+                  now: datetime | None = None) -> bool:
+    """A decided message whose mailbox actions failed: let go of it, retry after a pause."""
+    now = now or _now()
+    with db.session() as s:
+        return s.execute(update(Message).where(
+            Message.id == message_id, Message.claimed_by == worker_id,
+            Message.state == CLAIMABLE_DECIDED).values(
+            claimed_by=None, claimed_at=None,
             next_attempt_at=now + timedelta(seconds=delay_s))).rowcount == 1
 
 
@@ -391,3 +404,14 @@ def audit_summary(db: Database, *, epsilon: float, level: float = 0.95,
     return {"student_version": student_version, "n": n, "disagreements": k,
             "rate": (k / n) if n else None, "interval": [round(lo, 6), round(hi, 6)],
             "level": level, "epsilon": epsilon, "breach": bool(n and lo > epsilon)}
+
+
+def active_model(db: Database, kind: str = "classifier") -> tuple[str, str] | None:
+    """(version, path) of the active model of ``kind``; one indexed query, cheap to poll."""
+    from storage.models import ModelVersion
+
+    with db.session() as s:
+        row = s.execute(select(ModelVersion.version, ModelVersion.path).where(
+            ModelVersion.kind == kind, ModelVersion.status == "active")
+            .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).first()
+    return None if row is None else (row[0], row[1])

@@ -1,0 +1,68 @@
+"""Triage passes against the local Messages-API teacher (no IMAP: accounts not configured)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from agent.build import build_worker
+from config import load_settings
+from storage.models import DecisionRow, Message, ModelCall
+from storage.work import queue_depth
+
+BODIES = ["I was charged twice, please refund the invoice", "The app crashes with an error",
+          "I cannot log in, my password fails", "What is the price of the pro plan?"]
+
+
+def _seed(db, n):
+    with db.session() as s:
+        s.add_all([Message(content_hash=f"{i:064d}", subject=f"q{i}",
+                           body_text=BODIES[i % 4], new_text=BODIES[i % 4]) for i in range(n)])
+
+
+def _settings(messages_api, monkeypatch, db, **teacher):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    return load_settings(None, database_url=db.url, teacher={
+        "base_url": messages_api.base_url, "max_retries": 0, "timeout_s": 5, **teacher},
+        student={"drafter": "none"}, daemon={"triage_batch": 8})
+
+
+def test_cold_start_sends_everything_to_the_teacher(sqlite_db, messages_api, monkeypatch):
+    _seed(sqlite_db, 20)
+    w = build_worker(_settings(messages_api, monkeypatch, sqlite_db), sqlite_db, worker_id="w1")
+    r = w.run_until_empty()
+    assert r.routes == {"teacher": 20} and r.waiting == 0 and r.acted == 20
+    assert len(messages_api.message_requests()) == 20
+    with sqlite_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(DecisionRow)) == 20
+        assert set(s.scalars(select(Message.state))) == {"acted"}
+        cats = dict(s.execute(select(Message.body_text, DecisionRow.category)
+                              .join(DecisionRow)).all())
+        assert s.scalar(select(func.count()).where(ModelCall.role == "teacher")) == 20
+        assert s.scalar(select(func.count()).where(DecisionRow.model_call_id.is_(None))) == 0
+    assert cats[BODIES[0]] == "billing" and cats[BODIES[1]] == "technical"
+    # A second pass finds nothing: no decision twice.
+    assert w.run_until_empty().claimed == 0
+
+
+def test_teacher_outage_parks_escalations_then_drains(sqlite_db, messages_api, monkeypatch):
+    _seed(sqlite_db, 10)
+    w = build_worker(_settings(messages_api, monkeypatch, sqlite_db), sqlite_db, worker_id="w1")
+    w.backoff_base_s = 0.2
+    messages_api.start_outage(529)
+    r = w.run_until_empty()
+    assert r.waiting == 10 and not r.routes
+    assert queue_depth(sqlite_db) == {"waiting": 10}
+    messages_api.end_outage()
+    import time
+
+    deadline = time.monotonic() + 30
+    total = 0
+    while total < 10 and time.monotonic() < deadline:
+        total += sum(w.run_until_empty().routes.values())
+        time.sleep(0.2)
+    assert total == 10 and queue_depth(sqlite_db) == {}
+    with sqlite_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(DecisionRow)) == 10
+        # Each failed attempt is a row too (the teacher gives up at the first failure of
+        # a batch; the rest of the batch was never sent).
+        assert s.scalar(select(func.count()).where(ModelCall.error.is_not(None))) >= 2
