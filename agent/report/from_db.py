@@ -90,7 +90,10 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
         for c in audit_calls:
             i = at(_aware(c.created_at))
             ab[i][0] += 1
-            ab[i][1] += int(_category(c.output) != decision_of[c.message_id])
+            # The daemon's audit rows say whether the two agreed (agent.audit.audit_output).
+            agree = c.output.get("agree") if isinstance(c.output, dict) else None
+            ab[i][1] += int(not agree if isinstance(agree, bool)
+                            else _category(c.output) != decision_of[c.message_id])
         audits = tuple(AuditBucket(labels[i], n, k) for i, (n, k) in enumerate(ab))
 
     # Spend: cumulative teacher cost, against every decided email priced at the mean

@@ -75,6 +75,7 @@ def collect_from_simulation(run: dict, *, source: str = "simulate run",
         "student_test_coverage": student.get("test_coverage"),
         "student_test_risk": student.get("test_risk"),
         "retrains": len(run.get("curve") or []),
+        "final_student": student.get("version") or "none",
     }
     notes = [f"Stream {run.get('stream')} ({run.get('n_stream')} emails), test "
              f"{run.get('test')} ({run.get('n_test')}), retrain every "

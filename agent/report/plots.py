@@ -82,27 +82,37 @@ def escalation(buckets: tuple[RouteBucket, ...], xlabel: str) -> bytes | None:
 
 
 def audits(buckets: tuple[AuditBucket, ...], epsilon: float | None, xlabel: str) -> bytes | None:
-    """Audit disagreement per bucket with Wilson 95% intervals, against the promise epsilon."""
-    pts = [(i, b) for i, b in enumerate(buckets) if b.n]
-    if not pts:
+    """Running audit disagreement (all audits so far) with its Wilson 95% band, against ε.
+
+    Cumulative, not per bucket: a handful of audits per bucket gives intervals too wide
+    to read, while the running rate is what the promise is about.
+    """
+    if not buckets or not any(b.n for b in buckets):
         return None
+    xs, rates, los, his, n, k = [], [], [], [], 0, 0
+    for i, b in enumerate(buckets):
+        n, k = n + b.n, k + b.disagreements
+        if n:
+            lo, hi = wilson(k, n)
+            xs.append(i)
+            rates.append(k / n)
+            los.append(lo)
+            his.append(hi)
     fig, ax = plt.subplots(figsize=SIZE)
-    xs = [i for i, _ in pts]
-    rates = [b.disagreements / b.n for _, b in pts]
-    ivs = [wilson(b.disagreements, b.n) for _, b in pts]
-    ax.errorbar(xs, rates, yerr=[[r - lo for r, (lo, _) in zip(rates, ivs)],
-                                 [hi - r for r, (_, hi) in zip(rates, ivs)]],
-                fmt="o", ms=4, color=STUDENT, ecolor=GREY, capsize=3,
-                label="disagreement (95% interval)")
+    ax.fill_between(xs, los, his, color=STUDENT, alpha=0.18, step="post",
+                    label="95% interval")
+    ax.step(xs, rates, where="post", color=STUDENT, lw=2,
+            label=f"disagreement so far ({k}/{n})")
     if epsilon is not None:
         ax.axhline(epsilon, color="#D55E00", ls="--", lw=1, label=f"promise ε = {epsilon:.0%}")
     _ticks(ax, [b.label for b in buckets])
+    ax.set_xlim(-0.5, len(buckets) - 0.5)
     ax.yaxis.set_major_formatter(PCT)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(0.05, min(1.0, max(his) * 1.1)))
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("student ≠ teacher")
+    ax.set_ylabel("student ≠ teacher (audits)")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("Audit disagreement")
+    ax.set_title("Audit disagreement (cumulative)")
     return _png(fig)
 
 

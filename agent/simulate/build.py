@@ -1,0 +1,140 @@
+"""Settings -> the replay's components, in an isolated state dir with its own database.
+
+The replay never touches the configured database or models: it gets a fresh work dir
+(SQLite + models), a recorded teacher answering from the stream file, the taxonomy of the
+records (their categories), and the student and router settings of the user's config.
+
+>>> result = run_simulation_from_settings(load_settings(None), stream=Path("s.jsonl"),
+...                                       test=Path("t.jsonl"))            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from agent.router import Router
+from agent.simulate.cost import CostModel
+from agent.simulate.engine import Replay, RetrainOutcome, SimulationError, Student
+from agent.teacher.records import read_records
+from config import Settings
+from storage.db import Database
+
+
+def work_dir_for(settings: Settings, work_dir: Path | None) -> Path:
+    d = Path(work_dir) if work_dir else (
+        settings.state_dir / "simulations" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    if d.exists() and any(d.iterdir()):
+        raise SimulationError(f"work dir {d} is not empty: a replay needs a fresh state; "
+                              "pass another --work-dir or delete it")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def sim_settings(settings: Settings, work: Path, stream: Path, categories: list[str],
+                 risk: float | None, audit_fraction: float | None, epochs: int | None) -> Settings:
+    """The user's settings with the replay's state dir, database, taxonomy and teacher."""
+    data = settings.model_dump(mode="python")
+    data.update(state_dir=work, database_url=f"sqlite:///{work / 'understudy.db'}", accounts=[])
+    data["taxonomy"] = {"categories": {c: c.replace("_", " ") for c in categories},
+                        "priorities": list(settings.taxonomy.priorities), "always_escalate": []}
+    data["teacher"] = {**data["teacher"], "backend": "recorded", "records": stream,
+                       "daily_spend_cap_usd": 0.0, "prices": settings.teacher.price_table}
+    if risk is not None:
+        data["router"]["target_risk"] = risk
+    if audit_fraction is not None:
+        data["router"]["audit_fraction"] = audit_fraction
+    if epochs is not None:
+        data["student"]["epochs"] = epochs
+    return Settings(**data)
+
+
+def _student_loader(s: Settings) -> Callable[[Database], Student | None]:
+    from distill.classifier import Classifier
+    from distill.registry import active_version
+
+    def load(db: Database) -> Student | None:
+        info = active_version(db)
+        if info is None:
+            return None
+        path = info.path if hasattr(info, "path") else info["path"]
+        clf = Classifier.load(path, device=s.student.device, batch_size=s.student.batch_size)
+        return Student(version=clf.version, classify=clf.classify, thresholds=clf.thresholds,
+                       model_id=s.student.encoder)
+    return load
+
+
+def _retrainer(s: Settings) -> Callable[[Database], RetrainOutcome]:
+    from distill.pipeline import retrain, retrain_args
+
+    def run(db: Database) -> RetrainOutcome:
+        t0 = time.perf_counter()
+        r = retrain(db, **retrain_args(s), trigger="simulate")
+        return RetrainOutcome(
+            promoted=bool(getattr(r, "promoted", False)),
+            candidate_version=getattr(r, "candidate_version", None) or getattr(r, "version", None),
+            n_examples=int(getattr(r, "n_examples", 0) or 0),
+            gate_reason=getattr(r, "gate_reason", None) or getattr(r, "reason", None),
+            seconds=time.perf_counter() - t0, error=getattr(r, "error", None))
+    return run
+
+
+def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path,
+                                 retrain_every: int = 1000, risk: float | None = None,
+                                 audit_fraction: float | None = None, epochs: int | None = None,
+                                 work_dir: Path | None = None, limit: int | None = None,
+                                 progress: Callable[[str], None] = lambda _l: None) -> dict:
+    """Build the components from ``settings`` and run one replay; returns the result dict."""
+    from agent.teacher import build_teacher
+
+    stream_recs = list(read_records(stream))
+    test_recs = list(read_records(test))
+    if limit is not None:
+        stream_recs = stream_recs[:limit]
+    if not stream_recs:
+        raise SimulationError(f"{stream} holds no records")
+    categories = sorted({r.category for r in stream_recs} | {r.category for r in test_recs})
+    work = work_dir_for(settings, work_dir)
+    s = sim_settings(settings, work, Path(stream).resolve(), categories, risk, audit_fraction,
+                     epochs)
+    db = Database(s.db_url)
+    db.upgrade()
+    r = s.router
+    router = Router(always_escalate=(), escalate_senders=(), draft_min_confidence=0.0,
+                    audit_fraction=r.audit_fraction, drafting=False, audit_salt="simulate")
+    cost = CostModel(s.teacher.price_table, s.taxonomy.categories, s.taxonomy.priorities)
+    replay = Replay(db, router=router, teacher=build_teacher(s, db=None), cost=cost,
+                    load_student=_student_loader(s), retrain=_retrainer(s),
+                    retrain_every=retrain_every, triage_batch=s.daemon.triage_batch,
+                    progress=progress)
+    progress(f"[simulate] {len(stream_recs)} stream emails, {len(test_recs)} test, "
+             f"{len(categories)} categories, retrain every {retrain_every}; work dir {work}")
+    try:
+        result = replay.run(stream_recs, test_recs)
+    finally:
+        db.dispose()
+    result.update(stream=str(stream), test=str(test), risk=r.target_risk,
+                  audit_fraction=r.audit_fraction, work_dir=str(work),
+                  database=f"sqlite:///{work / 'understudy.db'}",
+                  teacher_model=s.teacher.model,
+                  prices=s.teacher.price_table.model_dump())
+    result["targets"] = targets(result)
+    return result
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets, each with the figure reached and whether it is met."""
+    t, c, k, st = result["teacher"], result["cost"], result["cascade"], result["student"]
+
+    def item(value, limit, ok):
+        return {"value": value, "target": limit, "met": bool(value is not None and ok(value))}
+
+    return {
+        "teacher_share": item(t["share"], "<= 0.25", lambda v: v <= 0.25),
+        "student_test_coverage": item(st["test_coverage"], ">= 0.85", lambda v: v >= 0.85),
+        "student_test_risk": item(st["test_risk"], "<= 0.02", lambda v: v <= 0.02),
+        "cascade_relative_accuracy": item(k["test_relative"], ">= 0.98", lambda v: v >= 0.98),
+        "cost_ratio": item(c["ratio"], "<= 0.1", lambda v: v <= 0.1),
+    }
