@@ -32,4 +32,20 @@ def render_status(snap: dict[str, Any]) -> str:
         lines.append(f"last retrain #{run['id']} {run['status']} candidate={run['candidate']} "
                      f"promoted={run['promoted']}" + (f" error={run['error']}" if run["error"]
                                                        else ""))
+    # --- daemon capability (issue 6): audits and the teacher backlog ---
+    a = snap.get("audit")
+    if a is not None:
+        if a["n"]:
+            lo, hi = a["interval"]
+            lines.append(f"audits       {a['disagreements']}/{a['n']} disagree "
+                         f"({a['rate']:.2%}, 95% interval {lo:.2%}-{hi:.2%}); promise "
+                         f"epsilon {a['epsilon']:.2%}"
+                         + ("  ** BREACH: disagreement above the promise **" if a["breach"]
+                            else ""))
+        else:
+            lines.append(f"audits       none yet (promise epsilon {a['epsilon']:.2%})")
+    w = snap.get("escalations_waiting")
+    if w and w["count"]:
+        lines.append(f"waiting      {w['count']} escalation(s) wait for the teacher; next try "
+                     f"{w['next_attempt_at']}; last error: {w['last_error']}")
     return "\n".join(lines)

@@ -68,4 +68,30 @@ def status_snapshot(db: Database, settings: Any) -> dict[str, Any]:
             "id": last_run.id, "status": last_run.status, "started_at": last_run.started_at,
             "candidate": last_run.candidate_version, "promoted": last_run.promoted,
             "error": last_run.error},
+        # --- added by the daemon capability (issue 6) ---
+        **_daemon_keys(db, settings, active),
     }
+
+
+def _daemon_keys(db: Database, settings: Any, active: list) -> dict[str, Any]:
+    """Live audit disagreement of the active classifier (95% interval vs its promise
+    epsilon) and the escalations waiting for the teacher."""
+    from storage.work import audit_summary
+
+    clf = next((m for m in active if m.kind == "classifier"), None)
+    eps = settings.router.target_risk
+    if clf is not None:
+        stored = clf.thresholds or {}
+        cat = stored.get("category") if isinstance(stored.get("category"), dict) else {}
+        eps = stored.get("epsilon", cat.get("epsilon", eps))
+    audit = audit_summary(db, epsilon=float(eps), level=0.95,
+                          student_version=clf.version if clf is not None else None)
+    with db.session() as s:
+        waiting, next_at = s.execute(
+            select(func.count(), func.min(Message.next_attempt_at))
+            .where(Message.state == "waiting")).one()
+        last_err = s.scalar(select(Message.last_error).where(Message.state == "waiting")
+                            .order_by(Message.next_attempt_at.desc()).limit(1))
+    return {"audit": audit,
+            "escalations_waiting": {"count": waiting, "next_attempt_at": next_at,
+                                    "last_error": last_err}}
