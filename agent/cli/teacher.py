@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from agent.cli.common import JsonOpt, not_available
+from agent.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, JsonOpt, app_context, emit, fail
 
 teacher_app = typer.Typer(help="Ask the teacher to label pending mail.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Import and export teacher records (JSONL).",
@@ -12,21 +16,133 @@ dataset_app = typer.Typer(help="Import and export teacher records (JSONL).",
 
 
 @teacher_app.command("label")
-def teacher_label(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Label pending emails with the teacher."""
-    not_available("teacher label", "teacher capability, issue 4")
+def teacher_label(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(
+        help="Label at most this many emails, oldest first (default 100).", min=1)] = 100,
+    batch: Annotated[bool, typer.Option(
+        "--batch", help="Backfill through the Message Batches API: half price, answers "
+        "within 24 h; the command waits, polling (default: off, one call per email).")] = False,
+    poll_interval: Annotated[float, typer.Option(
+        help="Seconds between batch status polls (default 30).", min=0.0)] = 30.0,
+    dry_run: Annotated[Optional[int], typer.Option(
+        "--dry-run", metavar="N", help="Print the estimated cost (USD) of labelling the next N "
+        "pending emails and spend nothing.", min=1)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Label stored emails that have no teacher answer yet; every call becomes a model_calls row.
+
+    The labels are training data: decisions and mailbox actions stay with the daemon.
+    """
+    from agent.teacher import estimate_cost
+    from storage.records import unlabelled_stats
+
+    app = app_context(ctx)
+    settings, db = app.settings, app.database()
+    t = settings.teacher
+    if dry_run is not None:
+        n, avg = unlabelled_stats(db, dry_run)
+        usd = estimate_cost(n, avg, t.price_table, k=t.self_consistency_k, batch=batch) \
+            if t.backend == "anthropic" else 0.0
+        emit(f"would label {n} email(s) (mean {avg:.0f} chars) with {t.backend}:{t.model}"
+             f"{' via batches' if batch else ''}: about ${usd:.4f}; nothing was sent",
+             {"emails": n, "avg_chars": round(avg, 1), "estimated_usd": round(usd, 6),
+              "backend": t.backend, "model": t.model, "batch": batch,
+              "k": t.self_consistency_k, "prices_per_mtok": t.price_table.model_dump()}, as_json)
+        return
+    _label(settings, db, limit, batch, poll_interval, as_json)
+
+
+def _label(settings, db, limit: int, batch: bool, poll_interval: float, as_json: bool) -> None:
+    from agent.teacher import TeacherConfigError, TeacherUnavailable, build_teacher
+    from storage.calls import record_teacher_result
+    from storage.records import unlabelled_emails
+
+    try:
+        teacher = build_teacher(settings, db)
+    except TeacherConfigError as e:
+        fail(str(e), EXIT_CONFIG)
+    emails = unlabelled_emails(db, limit)
+    stopped = None
+    try:
+        if batch:
+            if not hasattr(teacher, "label_batch"):
+                fail(f"--batch needs the anthropic backend, not {settings.teacher.backend}",
+                     EXIT_CONFIG)
+            results = teacher.label_batch(emails, poll_interval_s=poll_interval)
+        else:
+            results = teacher.label(emails)
+    except TeacherUnavailable as e:
+        results, stopped = e.results, str(e)
+    with db.session() as s:
+        for r in results:
+            record_teacher_result(s, r, message_id=int(r.email_id), purpose="label",
+                                  escalated=False)
+    ok = sum(r.ok for r in results)
+    cost = sum(r.cost_usd for r in results)
+    data = {"requested": len(emails), "labelled": ok, "failed": len(results) - ok,
+            "not_attempted": len(emails) - len(results), "cost_usd": round(cost, 6),
+            "batch": batch, "stopped": stopped}
+    summary = (f"labelled {ok} of {len(emails)} email(s), {len(results) - ok} failed, "
+               f"${cost:.4f}" + (f"; stopped: {stopped}" if stopped else ""))
+    emit(summary, data, as_json)
+    if stopped:
+        raise typer.Exit(EXIT_UNAVAILABLE)
 
 
 @dataset_app.command("import")
-def dataset_import(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Import a teacher-records JSONL file."""
-    not_available("dataset import", "teacher capability, issue 4")
+def dataset_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Teacher-records JSONL (id, body, category "
+                                         "required on every line).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a teacher-records JSONL file as labelled emails (already-imported ids are skipped).
+
+    The whole file is validated first: a bad line aborts the import and names the line.
+    """
+    from agent.teacher import RecordsFormatError, read_records
+    from storage.records import import_records
+
+    db = app_context(ctx).database()
+    try:
+        records = [r.to_dict() for r in read_records(file)]
+    except RecordsFormatError as e:
+        fail(str(e), EXIT_CONFIG)
+    stats = import_records(db, records, source=file.name)
+    emit(f"imported {stats.imported} record(s) from {file} ({stats.skipped_existing} already "
+         f"present, {stats.gold} gold)",
+         {"file": str(file), "imported": stats.imported,
+          "skipped_existing": stats.skipped_existing, "gold": stats.gold}, as_json)
 
 
 @dataset_app.command("export")
-def dataset_export(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Export teacher answers and gold labels as teacher-records JSONL."""
-    not_available("dataset export", "teacher capability, issue 4")
+def dataset_export(
+    ctx: typer.Context,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write here (default: JSONL on stdout).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        help="Only the newest N records (default: all).", min=1)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export teacher answers, corrected by gold review labels, as teacher-records JSONL."""
+    import json
+
+    from agent.teacher import TeacherRecord, write_records
+    from storage.records import export_records
+
+    db = app_context(ctx).database()
+    records = [TeacherRecord.from_dict(r, f"message {r['id']}") for r in
+               export_records(db, limit=limit)]
+    gold = sum(r.source == "human" for r in records)
+    if out is None:
+        for r in records:
+            sys.stdout.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        typer.echo(f"exported {len(records)} record(s) ({gold} gold)", err=True)
+        return
+    n = write_records(out, records)
+    emit(f"exported {n} record(s) to {out} ({gold} gold)",
+         {"file": str(out), "records": n, "gold": gold}, as_json)
 
 
 def register(app: typer.Typer) -> None:
