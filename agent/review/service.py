@@ -204,8 +204,8 @@ class ReviewService:
         return Labels(category=cat, priority=pri, needs_reply=bool(nr))
 
     def _deliver(self, item: ReviewItem, log: Any) -> ReviewItem:
-        appender = self._appender_for(item.email.account)
         try:
+            appender = self._appender_for(item.email.account)
             res = appender(item.email, item.final_draft or item.draft,
                            draft_message_id=item.draft_message_id)
         except Exception as e:  # noqa: BLE001 - any mail error leaves the approval to retry
