@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -50,6 +51,10 @@ def simulate(
     from agent.simulate.engine import SimulationError
 
     settings = app_context(ctx).settings
+    if settings.log_level != "debug":
+        # The worker logs every decision at info; thousands of lines would bury the
+        # per-retrain progress this command prints on stderr.
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         result = run_simulation_from_settings(
             settings, stream=stream, test=test, retrain_every=retrain_every, risk=risk,
@@ -62,11 +67,19 @@ def simulate(
     path.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
     t, c, s, k = result["teacher"], result["cost"], result["student"], result["cascade"]
     emit(f"simulated {result['n_stream']} emails: teacher {t['calls']} calls "
-         f"({t['share']:.1%}), cost ${c['blended_usd']:.4f} vs ${c['teacher_only_usd']:.4f} "
-         f"teacher-only ({c['ratio']:.3f}x), cascade accuracy {k['stream_accuracy']:.1%} "
-         f"(stream) {k['test_accuracy']:.1%} (test), student coverage "
-         f"{s['test_coverage']:.1%} at risk {s['test_risk']:.2%}; run: {path}",
-         result, as_json)
+         f"({_pct(t['share'])}), cost ${c['blended_usd']:.4f} vs ${c['teacher_only_usd']:.4f} "
+         f"teacher-only (ratio {_num(c['ratio'])}), cascade accuracy "
+         f"{_pct(k['stream_accuracy'])} (stream) {_pct(k['test_accuracy'])} (test), student "
+         f"{s['version'] or 'none'} coverage {_pct(s['test_coverage'])} at risk "
+         f"{_pct(s['test_risk'], 2)}; run: {path}", result, as_json)
+
+
+def _pct(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}%}"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def report(

@@ -10,14 +10,12 @@ records (their categories), and the student and router settings of the user's co
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from agent.router import Router
 from agent.simulate.cost import CostModel
-from agent.simulate.engine import Replay, RetrainOutcome, SimulationError, Student
+from agent.simulate.engine import WORKER, PricedTeacher, Replay, SimulationError
 from agent.teacher.records import read_records
 from config import Settings
 from storage.db import Database
@@ -48,37 +46,9 @@ def sim_settings(settings: Settings, work: Path, stream: Path, categories: list[
         data["router"]["audit_fraction"] = audit_fraction
     if epochs is not None:
         data["student"]["epochs"] = epochs
+    data["student"]["drafter"] = "none"      # a replay measures triage, not drafting
+    data["scheduler"] = {**data["scheduler"], "enabled": False}
     return Settings(**data)
-
-
-def _student_loader(s: Settings) -> Callable[[Database], Student | None]:
-    from distill.classifier import Classifier
-    from distill.registry import active_version
-
-    def load(db: Database) -> Student | None:
-        info = active_version(db)
-        if info is None:
-            return None
-        path = info.path if hasattr(info, "path") else info["path"]
-        clf = Classifier.load(path, device=s.student.device, batch_size=s.student.batch_size)
-        return Student(version=clf.version, classify=clf.classify, thresholds=clf.thresholds,
-                       model_id=s.student.encoder)
-    return load
-
-
-def _retrainer(s: Settings) -> Callable[[Database], RetrainOutcome]:
-    from distill.pipeline import retrain, retrain_args
-
-    def run(db: Database) -> RetrainOutcome:
-        t0 = time.perf_counter()
-        r = retrain(db, **retrain_args(s), trigger="simulate")
-        return RetrainOutcome(
-            promoted=bool(getattr(r, "promoted", False)),
-            candidate_version=getattr(r, "candidate_version", None) or getattr(r, "version", None),
-            n_examples=int(getattr(r, "n_examples", 0) or 0),
-            gate_reason=getattr(r, "gate_reason", None) or getattr(r, "reason", None),
-            seconds=time.perf_counter() - t0, error=getattr(r, "error", None))
-    return run
 
 
 def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path,
@@ -86,7 +56,8 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
                                  audit_fraction: float | None = None, epochs: int | None = None,
                                  work_dir: Path | None = None, limit: int | None = None,
                                  progress: Callable[[str], None] = lambda _l: None) -> dict:
-    """Build the components from ``settings`` and run one replay; returns the result dict."""
+    """Build the daemon's components for an isolated work dir and run one replay."""
+    from agent.build import build_retrain, build_router, build_student, build_worker
     from agent.teacher import build_teacher
 
     stream_recs = list(read_records(stream))
@@ -101,25 +72,27 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
                      epochs)
     db = Database(s.db_url)
     db.upgrade()
-    r = s.router
-    router = Router(always_escalate=(), escalate_senders=(), draft_min_confidence=0.0,
-                    audit_fraction=r.audit_fraction, drafting=False, audit_salt="simulate")
     cost = CostModel(s.teacher.price_table, s.taxonomy.categories, s.taxonomy.priorities)
-    replay = Replay(db, router=router, teacher=build_teacher(s, db=None), cost=cost,
-                    load_student=_student_loader(s), retrain=_retrainer(s),
-                    retrain_every=retrain_every, triage_batch=s.daemon.triage_batch,
-                    progress=progress)
+    teacher = PricedTeacher(build_teacher(s, db=None), cost)
+    # poll_s=0: the worker asks the registry on every pass, so a promoted student is used
+    # from the very next email (the daemon polls every few seconds).
+    student = build_student(s, db, poll_s=0.0)
+    worker = build_worker(s, db, worker_id=WORKER, student=student, teacher=teacher)
+    replay = Replay(db, worker=worker, student=student, teacher=teacher, cost=cost,
+                    router=build_router(s), retrain=build_retrain(s, db),
+                    retrain_every=retrain_every, progress=progress)
     progress(f"[simulate] {len(stream_recs)} stream emails, {len(test_recs)} test, "
              f"{len(categories)} categories, retrain every {retrain_every}; work dir {work}")
     try:
         result = replay.run(stream_recs, test_recs)
     finally:
         db.dispose()
+    r = s.router
     result.update(stream=str(stream), test=str(test), risk=r.target_risk,
-                  audit_fraction=r.audit_fraction, work_dir=str(work),
-                  database=f"sqlite:///{work / 'understudy.db'}",
-                  teacher_model=s.teacher.model,
-                  prices=s.teacher.price_table.model_dump())
+                  audit_fraction=r.audit_fraction, work_dir=str(work), database=s.db_url,
+                  teacher_model=s.teacher.model, prices=s.teacher.price_table.model_dump(),
+                  notes=["Drafting is off in a replay (classification only); the teacher's "
+                         "answers are priced as if it drafted a reply for each email."])
     result["targets"] = targets(result)
     return result
 

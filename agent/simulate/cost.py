@@ -22,8 +22,10 @@ CHARS_PER_TOKEN = 3.6
 # A support reply of a few sentences, which the teacher writes when a reply is needed
 # and the record carries none (Banking77 queries all need one).
 DEFAULT_DRAFT_TOKENS = 120
-# Answer skeleton: category, top soft-label probabilities, priority, needs_reply, rationale.
-ANSWER_OVERHEAD_TOKENS = 60
+# Answer skeleton: category, priority, needs_reply, a one-line rationale; then one
+# {"category": ..., "probability": ...} entry per plausible category.
+ANSWER_OVERHEAD_TOKENS = 50
+PROB_ENTRY_TOKENS = 12
 
 
 def tokens_of(text: str) -> int:
@@ -69,9 +71,8 @@ class CostModel:
              cached: bool = True) -> CallCost:
         """Cost of asking the teacher about one email; ``cached``: system prompt in cache."""
         user = user_tokens(subject, body, (record or {}).get("from", ""))
-        answer = ANSWER_OVERHEAD_TOKENS
-        if record is not None and record.get("category_probs"):
-            answer += tokens_of(json.dumps(record["category_probs"]))
+        answer = ANSWER_OVERHEAD_TOKENS + PROB_ENTRY_TOKENS * max(
+            1, len((record or {}).get("category_probs") or {}))
         if record is not None and record.get("draft"):
             answer += tokens_of(record["draft"])
         elif record is None or record.get("needs_reply") is not False:

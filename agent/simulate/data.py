@@ -79,16 +79,24 @@ _SUBJECTS = ("Question about my account", "Help please", "Support request", "Qui
              "Need assistance", "Problem with my card", "Enquiry", "Hello")
 
 
-def to_record(row: Row, *, sender: str | None = None) -> dict:
-    """One teacher record (hard label) for a query; subject chosen from the id, not the label."""
+def subject_for(row_id: str) -> str:
+    """A neutral subject line picked by the id's hash (never by the label)."""
+    return _SUBJECTS[int(hashlib.sha256(row_id.encode()).hexdigest(), 16) % len(_SUBJECTS)]
+
+
+def to_record(row: Row, *, subject: bool = False) -> dict:
+    """One teacher record (hard label) for a query.
+
+    No subject by default: the replay then sees exactly the Banking77 text, as the
+    student's own Banking77 experiments do (distill, scripts/bench/banking77). The demo
+    inbox asks for one (``subject=True``) so the emails look like email.
+    """
     h = int(hashlib.sha256(row.id.encode()).hexdigest(), 16)
-    return {
-        "id": row.id,
-        "from": sender or f"customer{h % 997:03d}@example.com",
-        "subject": _SUBJECTS[h % len(_SUBJECTS)],
-        "body": row.text,
-        "category": row.category,
-    }
+    rec = {"id": row.id, "from": f"customer{h % 997:03d}@example.com", "body": row.text,
+           "category": row.category}
+    if subject:
+        rec["subject"] = subject_for(row.id)
+    return rec
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:

@@ -1,15 +1,16 @@
 """Replay a labelled stream through the real cascade, as if the emails were arriving.
 
-Per batch of arriving emails (no IMAP): store the messages, classify them with the active
-student, route them with the real :class:`agent.router.Router`, ask the recorded teacher
-about escalations and audits, and commit one decision per email with its model_calls rows
-through the daemon's own ``storage.work.commit_decision``. Every ``retrain_every`` emails
-the real retraining runs on what the SQL log holds (``retrain``, the real promotion gate),
-and a promoted student takes over at once, as the daemon's hot reload would. Teacher calls
-are priced by :class:`agent.simulate.cost.CostModel`; the student costs ~0.
+Per batch of arriving emails (no IMAP) the messages are stored ``pending`` and one pass
+of the daemon's own :class:`agent.worker.TriageWorker` decides them: claim, classify with
+the active student, route with the real router, the recorded teacher for escalations and
+audits, commit one decision per email with its model_calls rows. Every ``retrain_every``
+emails the real retraining runs on what the SQL log holds (real promotion gate); the
+worker's hot-reloading student picks a promoted version up on its next pass, as in the
+daemon. Teacher calls are priced by :class:`PricedTeacher` at the configured Claude
+prices; the student costs ~0.
 
-The components are passed in (``Replay(...)``), so this module holds the loop and the
-accounting only; ``agent.simulate.build`` turns Settings into them.
+The components are passed in, so this module holds the loop and the accounting only;
+``agent.simulate.build`` turns Settings into them.
 """
 
 from __future__ import annotations
@@ -18,35 +19,23 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from agent.audit import audit_output
+from sqlalchemy import select
+
 from agent.report.model import confusion_from_pairs, coverage_risk_curve, percentiles
-from agent.router import Route, Router, thresholds_of
+from agent.router import Router, thresholds_of
 from agent.simulate.cost import CostModel
 from agent.teacher.records import TeacherRecord
 from storage.db import Database
-from storage.models import Message
-from storage.types import Email, TeacherResult, Triage
-from storage.calls import record_call, record_teacher_result
-from storage.work import CallWriter, commit_decision, mark_acted
+from storage.models import DecisionRow, Message, ModelCall
+from storage.types import Email, TeacherResult
 
 WORKER = "simulate"
 
 
 class SimulationError(RuntimeError):
     """The replay cannot go on; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Student:
-    """What the replay needs of the active student: its classify call and thresholds."""
-
-    version: str
-    classify: Callable[[Sequence[Email]], list[Triage]]
-    thresholds: dict[str, Any]
-    model_id: str = "student"
 
 
 @dataclass(frozen=True)
@@ -59,9 +48,46 @@ class RetrainOutcome:
     error: str | None = None
 
 
+class PricedTeacher:
+    """A Teacher that prices another's answers as the Claude backend would be billed.
+
+    The recorded teacher costs nothing; this wrapper fills in the tokens and the cost
+    a real call for the same email would have (see :class:`CostModel`), so the model_calls
+    rows, the spend cap arithmetic and the report carry realistic figures.
+    """
+
+    def __init__(self, inner: Any, cost: CostModel):
+        self.inner, self.cost = inner, cost
+        self.model_id = getattr(inner, "model_id", "teacher")
+        self.cache_warm = False
+        self.calls = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def label(self, emails: Sequence[Email]) -> list[TeacherResult]:
+        out = []
+        for e, r in zip(emails, self.inner.label(emails)):
+            if not r.ok:
+                out.append(r)
+                continue
+            c = self.cost.call(e.subject, e.new_text or e.text,
+                               {"from": e.from_addr, "category_probs": r.category_probs,
+                                "draft": r.draft, "needs_reply": r.needs_reply},
+                               cached=self.cache_warm)
+            self.cache_warm = True
+            self.calls += 1
+            self.input_tokens += c.input_tokens + c.cache_read_tokens + c.cache_write_tokens
+            self.output_tokens += c.output_tokens
+            out.append(dataclasses.replace(
+                r, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+                cache_read_tokens=c.cache_read_tokens, cache_write_tokens=c.cache_write_tokens,
+                cost_usd=c.usd))
+        return out
+
+
 @dataclass
 class _Tally:
-    """Running counts; ``windows`` get a copy every ``window`` emails."""
+    """Running counts; ``windows`` get the difference every ``window`` emails."""
 
     emails: int = 0
     student: int = 0
@@ -72,228 +98,121 @@ class _Tally:
     correct: int = 0
     blended_usd: float = 0.0
     teacher_only_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
-def _email(mid: int, rec: TeacherRecord) -> Email:
-    return Email(id=str(mid), subject=rec.subject or "", text=rec.body, new_text=rec.body,
-                 from_addr=rec.from_addr or "", message_id=f"<{rec.id}@simulate.invalid>",
-                 db_id=mid)
 
 
 def _store(db: Database, recs: Sequence[TeacherRecord]) -> list[int]:
-    """Store arriving messages, already claimed by the replay's worker (store before acting)."""
-    now = datetime.now(timezone.utc)
+    """Store arriving messages ``pending``, as ingest would (store before any model sees them).
+
+    The record id becomes the Message-ID, which the recorded teacher matches on.
+    """
     with db.session() as s:
         rows = [Message(
-            external_id=r.id, message_id=f"<{r.id}@simulate.invalid>",
+            external_id=r.id, message_id=r.id,
             content_hash=hashlib.sha256(f"{r.subject}\n{r.body}".encode()).hexdigest(),
             subject=r.subject or "", from_addr=r.from_addr or "", body_text=r.body,
-            new_text=r.body, state="claimed", claimed_by=WORKER, claimed_at=now,
-            internal_date=now) for r in recs]
+            new_text=r.body, state="pending") for r in recs]
         s.add_all(rows)
         s.flush()
         return [m.id for m in rows]
 
 
-def _student_call(t: Triage, student: Student, escalated: bool) -> CallWriter:
-    """A model_calls writer for one student classification (storage.work's CallWriter)."""
-    def write(session, message_id: int | None) -> int:
-        return record_call(
-            session, message_id=message_id, role="student", purpose="classify", backend="torch",
-            model_id=student.model_id, model_version=t.model_version or student.version,
-            output={"category": t.category, "priority": t.priority, "needs_reply": t.needs_reply},
-            probs=dict(t.category_probs), confidence=t.confidence.get("category"),
-            escalated=escalated, latency_ms=float(t.latency_ms or 0.0))
-    return write
-
-
-def _teacher_label(r: TeacherResult) -> CallWriter:
-    def write(session, message_id: int | None) -> int:
-        return record_teacher_result(session, r, message_id=message_id, purpose="label",
-                                     escalated=True)
-    return write
-
-
-def _teacher_audit(r: TeacherResult, t: Triage, version: str) -> CallWriter:
-    """The audit row as the daemon writes it: the teacher's answer plus the agreement."""
-    answer = {"priority": r.priority, "needs_reply": r.needs_reply, "draft": r.draft,
-              "rationale": r.rationale}
-
-    def write(session, message_id: int | None) -> int:
-        probs = dict(r.category_probs) if r.category_probs else None
-        return record_call(
-            session, message_id=message_id, role="teacher", purpose="audit",
-            backend=r.backend or "recorded", model_id=r.model_id, model_version=r.model_id,
-            input_digest=r.input_digest, output=audit_output(version, t.category, r.category,
-                                                             answer),
-            probs=probs, confidence=max(probs.values()) if probs else None, escalated=False,
-            input_tokens=r.input_tokens, output_tokens=r.output_tokens,
-            cache_read_tokens=r.cache_read_tokens, cache_write_tokens=r.cache_write_tokens,
-            cost_usd=r.cost_usd, latency_ms=r.latency_ms)
-    return write
-
-
 class Replay:
     """One replay: feed records in order, retrain every N, evaluate on the test records."""
 
-    def __init__(self, db: Database, *, router: Router, teacher, cost: CostModel,
-                 load_student: Callable[[Database], Student | None],
-                 retrain: Callable[[Database], RetrainOutcome], retrain_every: int,
-                 triage_batch: int = 32, window: int | None = None,
-                 progress: Callable[[str], None] = lambda _line: None):
-        self.db, self.router, self.teacher, self.cost = db, router, teacher, cost
-        self.load_student, self.retrain = load_student, retrain
+    def __init__(self, db: Database, *, worker: Any, student: Callable[[], Any],
+                 teacher: PricedTeacher, cost: CostModel, router: Router,
+                 retrain: Callable[[str], Any], retrain_every: int,
+                 window: int | None = None, progress: Callable[[str], None] = lambda _l: None):
+        self.db, self.worker, self.student, self.teacher = db, worker, student, teacher
+        self.cost, self.router, self.retrain = cost, router, retrain
         self.retrain_every = retrain_every
-        self.triage_batch = max(1, min(triage_batch, retrain_every))
+        self.batch = max(1, min(worker.batch_size, retrain_every))
         self.window = window or max(10, retrain_every // 4)
         self.progress = progress
         self.tally = _Tally()
-        self.windows: list[dict] = []
         self._window_start = _Tally()
+        self.windows: list[dict] = []
         self.curve: list[dict] = []
-        self.student_ms: list[float] = []
-        self.teacher_ms: list[float] = []
-        self._teacher_cache_warm = False
         self._only_cache_warm = False
-        self.student: Student | None = None
+
+    def _classifier(self):
+        return self.student().classifier
 
     # ---- the stream --------------------------------------------------------------------
     def run(self, stream: Sequence[TeacherRecord], test: Sequence[TeacherRecord]) -> dict:
         t0 = time.perf_counter()
-        self.student = self.load_student(self.db)
-        for start in range(0, len(stream), self.triage_batch):
-            batch = stream[start:start + self.triage_batch]
-            # Batches never straddle a retrain point, so retraining happens exactly every N.
-            room = self.retrain_every - (self.tally.emails % self.retrain_every)
-            for chunk in (batch[:room], batch[room:]):
-                if chunk:
-                    self._triage(chunk)
-                    if self.tally.emails % self.retrain_every == 0:
-                        self._retrain_point(test)
+        pos = 0
+        while pos < len(stream):
+            # A batch never straddles a retrain point or a window end.
+            room = min(self.retrain_every - self.tally.emails % self.retrain_every,
+                       self.window - self.tally.emails % self.window, self.batch)
+            self._triage(stream[pos:pos + room])
+            pos += room
+            if self.tally.emails % self.window == 0:
+                self._close_window()
+            if self.tally.emails % self.retrain_every == 0:
+                self._retrain_point(test)
         if self.tally.emails > self._window_start.emails:
             self._close_window()
         final = self.evaluate(test)
-        return self._result(stream, test, final, time.perf_counter() - t0)
+        return self._result(test, final, time.perf_counter() - t0)
 
     def _triage(self, recs: Sequence[TeacherRecord]) -> None:
         ids = _store(self.db, recs)
-        emails = [_email(m, r) for m, r in zip(ids, recs)]
-        student = self.student
-        triages: list[Triage | None] = [None] * len(emails)
-        if student is not None:
-            triages = list(student.classify(emails))
-            self.student_ms += [float(t.latency_ms or 0.0) for t in triages]
-        thresholds = thresholds_of(student.thresholds) if student else {}
-        routes: list[Route] = [self.router.route(e, t, None, thresholds)
-                               for e, t in zip(emails, triages)]
-        asks = [i for i, r in enumerate(routes) if r.escalate or r.audit]
-        answers = dict(zip(asks, self._ask([recs[i] for i in asks], [emails[i] for i in asks])))
-        for i, (mid, rec, t, route) in enumerate(zip(ids, recs, triages, routes)):
-            self._decide(mid, rec, t, route, answers.get(i))
-        self._tick_windows(len(recs))
-
-    def _ask(self, recs: Sequence[TeacherRecord], emails: Sequence[Email]) -> list[TeacherResult]:
-        if not emails:
-            return []
-        t0 = time.perf_counter()
-        results = self.teacher.label([dataclasses.replace(e, id=r.id)
-                                      for e, r in zip(emails, recs)])
-        ms = (time.perf_counter() - t0) * 1000 / len(emails)
-        priced = []
-        for rec, res in zip(recs, results):
-            c = self.cost.call(rec.subject or "", rec.body, rec.to_dict(),
-                               cached=self._teacher_cache_warm)
-            self._teacher_cache_warm = True
-            self.teacher_ms.append(ms)
-            priced.append(dataclasses.replace(
-                res, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
-                cache_read_tokens=c.cache_read_tokens, cache_write_tokens=c.cache_write_tokens,
-                cost_usd=c.usd))
-        return priced
-
-    def _decide(self, mid: int, rec: TeacherRecord, t: Triage | None, route: Route,
-                answer: TeacherResult | None) -> None:
+        r = self.worker.run_once()
+        if r.claimed != len(ids) or r.waiting:
+            raise SimulationError(
+                f"triage pass claimed {r.claimed} of {len(ids)} emails, {r.waiting} waiting for "
+                "the teacher: every stream record must be answerable by the recorded teacher "
+                "(ids, bodies) and the work dir must be fresh")
+        with self.db.session() as s:
+            got = dict(s.execute(select(DecisionRow.message_id, DecisionRow.category)
+                                 .where(DecisionRow.message_id.in_(ids))).all())
         k = self.tally
-        student = self.student
-        calls: list[CallWriter] = []
-        if t is not None and student is not None:
-            calls.append(_student_call(t, student, route.escalate))
-        deciding = 0 if calls else None
-        if route.escalate:
-            if answer is None or not answer.ok:
-                raise SimulationError(f"the recorded teacher has no usable answer for record "
-                                      f"{rec.id}: {answer.error if answer else 'none'}")
-            calls.append(_teacher_label(answer))
-            deciding = len(calls) - 1
-            decision = dict(source="teacher", category=answer.category,
-                            priority=answer.priority or "normal",
-                            needs_reply=bool(answer.needs_reply), rationale=answer.rationale,
-                            model_version=answer.model_id, escalated=True, audited=False,
-                            confidence={"category": max(answer.category_probs.values())}
-                            if answer.category_probs else {})
-            k.teacher += 1
-            k.escalations += 1
-        else:
-            assert t is not None and student is not None
-            decision = dict(source="student", category=t.category, priority=t.priority,
-                            needs_reply=t.needs_reply, confidence=dict(t.confidence),
-                            model_version=t.model_version or student.version, escalated=False,
-                            audited=route.audit)
-            k.student += 1
-            if route.audit and answer is not None and answer.ok:
-                agree = answer.category == t.category
-                calls.append(_teacher_audit(answer, t, t.model_version or student.version))
-                k.audits += 1
-                k.audit_disagreements += int(not agree)
-        if answer is not None:
-            k.blended_usd += answer.cost_usd
-            k.input_tokens += answer.input_tokens + answer.cache_read_tokens \
-                + answer.cache_write_tokens
-            k.output_tokens += answer.output_tokens
-        only = self.cost.call(rec.subject or "", rec.body, rec.to_dict(),
-                              cached=self._only_cache_warm)
-        self._only_cache_warm = True
-        k.teacher_only_usd += only.usd
-        k.correct += int(decision["category"] == rec.category)
-        k.emails += 1
-        if not commit_decision(self.db, mid, WORKER, decision=decision, calls=calls,
-                               deciding_call=deciding):
-            raise SimulationError(f"message {mid} was already decided: the work dir must be "
-                                  "fresh (pass an empty --work-dir)")
-        mark_acted(self.db, mid, WORKER)
-
-    def _tick_windows(self, n: int) -> None:
-        # Windows close on multiples of ``window``; a batch may span a boundary only at its
-        # end because triage_batch <= retrain_every and windows divide evenly by design.
-        if self.tally.emails // self.window > self._window_start.emails // self.window:
-            self._close_window()
+        k.emails += len(ids)
+        k.student += r.routes.get("student", 0) + r.routes.get("student_audited", 0)
+        k.teacher += r.routes.get("teacher", 0)
+        k.escalations += r.routes.get("teacher", 0)
+        k.audits += r.audits
+        k.audit_disagreements += r.audit_disagreements
+        k.blended_usd += r.teacher_cost_usd
+        k.correct += sum(1 for mid, rec in zip(ids, recs) if got.get(mid) == rec.category)
+        for rec in recs:
+            c = self.cost.call(rec.subject or "", rec.body, rec.to_dict(),
+                               cached=self._only_cache_warm)
+            self._only_cache_warm = True
+            k.teacher_only_usd += c.usd
 
     def _close_window(self) -> None:
         a, b = self._window_start, self.tally
+        clf = self._classifier()
         self.windows.append({
             "start": a.emails, "end": b.emails, "student": b.student - a.student,
             "teacher": b.teacher - a.teacher, "audits": b.audits - a.audits,
             "audit_disagreements": b.audit_disagreements - a.audit_disagreements,
             "blended_usd": b.blended_usd, "teacher_only_usd": b.teacher_only_usd,
             "correct": b.correct - a.correct,
-            "active_version": self.student.version if self.student else None})
+            "active_version": getattr(clf, "version", None)})
         self._window_start = dataclasses.replace(b)
 
     # ---- retraining --------------------------------------------------------------------
     def _retrain_point(self, test: Sequence[TeacherRecord]) -> None:
-        out = self.retrain(self.db)
-        if out.promoted:
-            self.student = self.load_student(self.db)
-        ev = self.evaluate(test, full=False) if self.student else {}
+        t0 = time.perf_counter()
+        try:
+            out = _outcome(self.retrain("simulate"), time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a failed retrain keeps the old student, as in the daemon
+            out = RetrainOutcome(False, None, 0, None, time.perf_counter() - t0,
+                                 error=f"{type(e).__name__}: {e}")
+        # The worker's student reloads a promoted version on its next call (hot reload).
+        clf = self._classifier()
+        ev = self.evaluate(test, full=False) if clf else {}
         k = self.tally
         point = {
             "emails_seen": k.emails, "n_examples": out.n_examples,
             "candidate_version": out.candidate_version, "promoted": out.promoted,
             "gate_reason": out.gate_reason, "error": out.error,
             "retrain_seconds": round(out.seconds, 2),
-            "active_version": self.student.version if self.student else None,
+            "active_version": getattr(clf, "version", None),
             "teacher_calls": k.teacher + k.audits, "teacher_share": (k.teacher + k.audits) / k.emails,
             "blended_usd": k.blended_usd, "teacher_only_usd": k.teacher_only_usd,
             "stream_accuracy": k.correct / k.emails,
@@ -312,20 +231,23 @@ class Replay:
     def evaluate(self, test: Sequence[TeacherRecord], full: bool = True) -> dict:
         """The active student alone and the cascade (student, else teacher) on ``test``."""
         n = len(test)
-        if self.student is None or n == 0:
+        clf = self._classifier()
+        if clf is None or n == 0:
             return {"n": n, "coverage": 0.0, "risk": None, "accuracy": None,
                     "cascade_accuracy": 1.0 if n else None, "version": None}
         emails = [Email(id=r.id, subject=r.subject or "", text=r.body, new_text=r.body,
                         from_addr=r.from_addr or "") for r in test]
-        triages = self.student.classify(emails)
-        thresholds = thresholds_of(self.student.thresholds)
-        alone = [not self.router.classifier_clears(t, thresholds) for t in triages]
+        triages = clf.classify(emails)
+        thresholds = thresholds_of(getattr(clf, "thresholds", None))
+        # The same routing decision the worker makes (drafting is off in a replay).
+        alone = [not self.router.route(e, t, None, thresholds).escalate
+                 for e, t in zip(emails, triages)]
         correct = [t.category == r.category for t, r in zip(triages, test)]
         handled = sum(alone)
         errors = sum(1 for a, c in zip(alone, correct) if a and not c)
         # The teacher's answers are the records here, so an escalated email is right.
         cascade = sum(1 for a, c in zip(alone, correct) if (c if a else True))
-        out = {"n": n, "version": self.student.version, "coverage": handled / n,
+        out = {"n": n, "version": clf.version, "coverage": handled / n,
                "risk": errors / handled if handled else 0.0, "accuracy": sum(correct) / n,
                "cascade_accuracy": cascade / n, "handled": handled, "errors": errors}
         if full:
@@ -339,28 +261,30 @@ class Replay:
         return out
 
     # ---- the result ---------------------------------------------------------------------
-    def _result(self, stream, test, final: dict, seconds: float) -> dict:
+    def _result(self, test, final: dict, seconds: float) -> dict:
         k = self.tally
         calls = k.teacher + k.audits
         n = max(1, k.emails)
         teacher_acc = 1.0   # the recorded teacher answers with the records themselves
+        with self.db.session() as s:
+            student_ms = list(s.scalars(select(ModelCall.latency_ms).where(
+                ModelCall.role == "student", ModelCall.purpose == "classify")))
         lat = {}
-        for name, xs in (("student classify", self.student_ms), ("teacher (recorded)", self.teacher_ms)):
-            st = percentiles(xs, name)
-            if st:
-                lat[name] = {"n": st.n, "p50": round(st.p50, 3), "p90": round(st.p90, 3),
-                             "p99": round(st.p99, 3)}
+        st = percentiles(student_ms, "student classify")
+        if st:
+            lat[st.name] = {"n": st.n, "p50": round(st.p50, 3), "p90": round(st.p90, 3),
+                            "p99": round(st.p99, 3)}
+        t = self.teacher
         return {
             "n_stream": k.emails, "n_test": len(test), "retrain_every": self.retrain_every,
-            "risk": None, "elapsed_s": round(seconds, 1),
+            "elapsed_s": round(seconds, 1),
             "teacher": {"calls": calls, "escalations": k.escalations, "audits": k.audits,
                         "share": calls / n, "escalation_share": k.escalations / n},
             "cost": {"blended_usd": round(k.blended_usd, 6),
-                     "teacher_only_usd": round(k.teacher_only_usd, 6),
-                     "student_usd": 0.0,
+                     "teacher_only_usd": round(k.teacher_only_usd, 6), "student_usd": 0.0,
                      "ratio": k.blended_usd / k.teacher_only_usd if k.teacher_only_usd else None,
-                     "mean_input_tokens": round(k.input_tokens / calls) if calls else None,
-                     "mean_output_tokens": round(k.output_tokens / calls) if calls else None},
+                     "mean_input_tokens": round(t.input_tokens / t.calls) if t.calls else None,
+                     "mean_output_tokens": round(t.output_tokens / t.calls) if t.calls else None},
             "cascade": {"stream_accuracy": k.correct / n, "teacher_accuracy": teacher_acc,
                         "stream_relative": k.correct / n / teacher_acc,
                         "test_accuracy": final.get("cascade_accuracy"),
@@ -375,6 +299,17 @@ class Replay:
                           ("coverage_risk", "operating_point", "confusion")},
             "latency": lat,
         }
+
+
+def _outcome(r: Any, seconds: float) -> RetrainOutcome:
+    """distill.pipeline's result, whatever its exact shape, as the fields the curve needs."""
+    get = (lambda k: r.get(k)) if isinstance(r, dict) else (lambda k: getattr(r, k, None))
+    return RetrainOutcome(
+        promoted=bool(get("promoted")),
+        candidate_version=get("candidate_version") or get("version"),
+        n_examples=int(get("n_examples") or 0),
+        gate_reason=get("gate_reason") or get("reason"),
+        seconds=seconds, error=get("error"))
 
 
 def _pct(v, digits: int = 1) -> str:
