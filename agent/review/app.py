@@ -121,13 +121,17 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
         return authenticator.check_bearer(request.headers.get("authorization"))
 
     def same_origin(request: Request) -> bool:
-        # Browsers send Origin on POST; a cross-site one is refused even with a valid
-        # token. Missing Origin (old clients, curl) falls back to the CSRF token alone.
+        # Defence in depth next to the CSRF token. Browsers label every request with
+        # Sec-Fetch-Site; only a same-origin POST is accepted. Without it, a non-null
+        # Origin must match the Host. (Under Referrer-Policy no-referrer Chromium sends
+        # "Origin: null" on same-origin form posts, so null falls back to the token.)
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            return site == "same-origin"
         origin = request.headers.get("origin")
-        if origin is None:
+        if origin is None or origin == "null":
             return True
-        host = request.headers.get("host", "")
-        return urlsplit(origin).netloc == host
+        return urlsplit(origin).netloc == request.headers.get("host", "")
 
     def guard_post(request: Request, csrf_token: str | None) -> tuple[Session | None, Response | None]:
         """(session, None) when the POST may proceed, else (None, error response)."""

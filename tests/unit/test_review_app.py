@@ -110,11 +110,15 @@ def test_state_changes_need_csrf_token_and_same_origin(env):
     assert client.post(url, data={**form, "csrf_token": token},
                        headers={"Origin": "http://evil.example"},
                        follow_redirects=False).status_code == 403
+    assert client.post(url, data={**form, "csrf_token": token},
+                       headers={"Sec-Fetch-Site": "cross-site", "Origin": "null"},
+                       follow_redirects=False).status_code == 403
     assert client.post("/logout", follow_redirects=False).status_code == 403
     assert get_item(db, seeded["draft_id"]).status == "pending_review" and folder.calls == []
 
     r = client.post(url, data={**form, "csrf_token": token},
-                    headers={"Origin": "http://testserver"}, follow_redirects=False)
+                    headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+                    follow_redirects=False)
     assert r.status_code == 303
     assert get_item(db, seeded["draft_id"]).status == "approved" and len(folder.drafts) == 1
 
