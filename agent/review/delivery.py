@@ -13,6 +13,7 @@ could send twice on a retry; the Drafts path has no such window.
 
 from __future__ import annotations
 
+import ipaddress
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -78,12 +79,27 @@ class SmtpSender:
         else:
             client = smtplib.SMTP(self.host, self.port, timeout=self.timeout_s)
         with client:
-            if self.port != 465 and client.has_extn("starttls"):
+            tls = self.port == 465
+            client.ehlo()
+            if not tls and client.has_extn("starttls"):
                 client.starttls(context=ctx)
-            if self.user and self.password:
+                client.ehlo()
+                tls = True
+            if self.user and self.password and client.has_extn("auth"):
+                if not tls and not _is_loopback(self.host):
+                    raise DeliveryFailed(
+                        f"SMTP server {self.host}:{self.port} offers no TLS; refusing to send "
+                        "the password in clear (use port 465 or a server with STARTTLS)")
                 client.login(self.user, self.password)
             client.send_message(msg)
         return SentResult(folder=None, uidvalidity=None, uid=None, message_id=draft_message_id)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def appenders_from_settings(settings: Any) -> Callable[[str | None], Appender]:
