@@ -70,7 +70,16 @@ def status_snapshot(db: Database, settings: Any) -> dict[str, Any]:
             "error": last_run.error},
         # --- added by the daemon capability (issue 6) ---
         **_daemon_keys(db, settings, active),
+        # --- added by the review capability (issue 7) ---
+        "review": _review_keys(db),
     }
+
+
+def _review_keys(db: Database) -> dict[str, int]:
+    """Drafts waiting for a human, and approvals not yet written to the mailbox."""
+    from storage.reviews import queue_counts
+
+    return queue_counts(db)
 
 
 def _daemon_keys(db: Database, settings: Any, active: list) -> dict[str, Any]:

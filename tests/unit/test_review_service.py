@@ -229,3 +229,16 @@ def test_parse_age(text, hours):
 def test_parse_age_rejects(bad):
     with pytest.raises(ValueError, match="unit"):
         parse_age(bad)
+
+
+def test_status_shows_the_review_queue(sqlite_db):
+    from config import load_settings
+    from storage.queries import status_snapshot
+
+    a, b = seed_escalated(sqlite_db, n=2)
+    make_service(sqlite_db, DraftsFolder(fail_times=1))
+    with pytest.raises(DeliveryFailed):
+        make_service(sqlite_db, DraftsFolder(fail_times=1)).approve(a["draft_id"],
+                                                                     reviewer="ana")
+    snap = status_snapshot(sqlite_db, load_settings(None))
+    assert snap["review"] == {"pending_review": 1, "approved_undelivered": 1}
