@@ -225,7 +225,9 @@ def review_hash_password(
     if stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        # Prompts go to stderr so `$(understudy review hash-password)` captures only the hash.
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True,
+                                err=True)
     if len(password) < 8:
         fail("use a password of at least 8 characters")
     h = hash_password(password)

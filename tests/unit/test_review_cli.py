@@ -26,6 +26,13 @@ def test_hash_password(runner):
     assert out["env"] == "UNDERSTUDY_REVIEW_PASSWORD_HASH"
     assert verify_password("s3cret-passw0rd", out["hash"])
     assert not verify_password("s3cret-passw0rd!", out["hash"])
+    # Prompt mode: prompts go to stderr, stdout is only the hash (for `$(...)`).
+    r = runner.invoke(app, ["review", "hash-password"], input="abcdefgh1\nabcdefgh1\n")
+    assert r.exit_code == 0, r.output
+    assert verify_password("abcdefgh1", r.stdout.strip())
+    r = runner.invoke(app, ["review", "hash-password"], input="abcdefgh1\nabcdefgh2\n"
+                      "abcdefgh3\nabcdefgh3\n")
+    assert verify_password("abcdefgh3", r.stdout.strip())
     r = runner.invoke(app, ["review", "hash-password", "--stdin"], input="short\n")
     assert r.exit_code == 1 and "at least 8" in r.output
 

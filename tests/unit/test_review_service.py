@@ -236,7 +236,6 @@ def test_status_shows_the_review_queue(sqlite_db):
     from storage.queries import status_snapshot
 
     a, b = seed_escalated(sqlite_db, n=2)
-    make_service(sqlite_db, DraftsFolder(fail_times=1))
     with pytest.raises(DeliveryFailed):
         make_service(sqlite_db, DraftsFolder(fail_times=1)).approve(a["draft_id"],
                                                                      reviewer="ana")
