@@ -238,8 +238,13 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
         # After an action, select the item below the one just reviewed (the queue is
         # newest first, so "below" is the next older email), else the new first item.
         params = request.query_params
+        try:
+            age = parse_age(params["max_age"]) if params.get("max_age") else None
+        except ValueError:
+            age = None
         entries = list_queue(service.db, account=params.get("account") or None,
-                             category=params.get("category") or None, limit=queue_limit)
+                             category=params.get("category") or None, max_age=age,
+                             limit=queue_limit)
         ids = [e.draft_id for e in entries if e.draft_id != draft_id]
         hint = params.get("next")
         if hint and hint.isdigit() and int(hint) in ids:
