@@ -263,7 +263,7 @@ def serve(
     port = port or s.review.port
     try:
         app = build_review_app(s, actx.database(), reviewer_name=_reviewer(reviewer),
-                               secure_cookies=secure_cookies)
+                               secure_cookies=secure_cookies, host=host)
     except ReviewError as e:
         fail(str(e), EXIT_CONFIG)
     log = get_logger(component="review-web")

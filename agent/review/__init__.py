@@ -48,9 +48,20 @@ def build_authenticator(settings: Any):
 
 
 def build_review_app(settings: Any, db: Any, *, reviewer_name: str = "reviewer",
-                     secure_cookies: bool = False):
+                     secure_cookies: bool = False, host: str | None = None):
+    """The app for ``understudy serve``; bound to loopback it answers only loopback names."""
+    import ipaddress
+
     from agent.review.app import create_app
 
+    host = host or settings.review.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    # Starlette compares the Host header without its port.
+    allowed = sorted({host.strip("[]"), "127.0.0.1", "localhost", "::1"}) if loopback else None
     return create_app(service=build_review_service(settings, db),
                       authenticator=build_authenticator(settings),
-                      reviewer_name=reviewer_name, secure_cookies=secure_cookies)
+                      reviewer_name=reviewer_name, secure_cookies=secure_cookies,
+                      allowed_hosts=allowed)

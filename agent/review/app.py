@@ -86,9 +86,18 @@ def _templates() -> jinja2.Environment:
 
 def create_app(*, service: ReviewService, authenticator: Authenticator,
                secure_cookies: bool = False, reviewer_name: str = "reviewer",
-               queue_limit: int = 200) -> FastAPI:
-    """The review app. ``secure_cookies``: set when served over HTTPS (behind a proxy)."""
+               queue_limit: int = 200, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The review app.
+
+    ``secure_cookies``: set when served over HTTPS (behind a proxy). ``allowed_hosts``:
+    Host header values to accept (None: any); a loopback-bound server should list only
+    its own names, which defeats DNS-rebinding pages that point a domain at 127.0.0.1.
+    """
     app = FastAPI(title="understudy review", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     env = _templates()
     sessions = SessionStore()
     throttle = _LoginThrottle(LOGIN_FAILURES_PER_MINUTE)

@@ -242,3 +242,21 @@ def test_unknown_item_shows_an_error_not_a_crash(env):
     login(client)
     r = client.get("/?item=424242")
     assert r.status_code == 200 and "no draft with id 424242" in r.text
+
+
+def test_loopback_app_refuses_foreign_host_headers(sqlite_db, monkeypatch):
+    # A DNS-rebinding page reaches 127.0.0.1 with its own name in the Host header.
+    from agent.review import build_review_app
+    from config import Settings
+
+    monkeypatch.setenv("UNDERSTUDY_REVIEW_TOKEN", TOKEN)
+    app = build_review_app(Settings(), sqlite_db)          # review.host = 127.0.0.1
+    local = TestClient(app, base_url="http://127.0.0.1:8765")
+    assert local.get("/login").status_code == 200
+    assert TestClient(app, base_url="http://localhost:8765").get("/login").status_code == 200
+    r = TestClient(app, base_url="http://rebind.evil.example:8765").get("/login")
+    assert r.status_code == 400 and r.headers["content-security-policy"] == CSP
+    # Bound to another address (behind a proxy), any Host is accepted.
+    open_app = build_review_app(Settings(), sqlite_db, host="0.0.0.0")
+    assert TestClient(open_app, base_url="http://review.example").get(
+        "/login").status_code == 200
