@@ -241,3 +241,15 @@ def test_status_shows_the_review_queue(sqlite_db):
                                                                      reviewer="ana")
     snap = status_snapshot(sqlite_db, load_settings(None))
     assert snap["review"] == {"pending_review": 1, "approved_undelivered": 1}
+
+
+def test_reviews_become_gold_training_examples(sqlite_db):
+    datasets = pytest.importorskip("storage.datasets", reason="student capability not landed")
+    a, b = seed_escalated(sqlite_db, n=2)
+    svc = make_service(sqlite_db, DraftsFolder())
+    svc.approve(a["draft_id"], reviewer="ana", category="account", priority="high")
+    svc.reject(b["draft_id"], reviewer="ana", reason="no reply needed", needs_reply=False)
+    by_id = {e.id: e for e in datasets.training_examples(sqlite_db)}
+    ea, eb = by_id[str(a["message_db_id"])], by_id[str(b["message_db_id"])]
+    assert (ea.category, ea.priority, ea.gold) == ("account", "high", True)
+    assert (eb.category, eb.needs_reply, eb.gold) == ("billing", False, True)
