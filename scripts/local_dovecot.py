@@ -104,6 +104,11 @@ class LocalDovecot:
             raise DovecotNotFound(DovecotNotFound.__doc__)
         if self.port is None:
             self.port = free_port(self.host)
+        # A crashed earlier run for this same root (its runtime dir is derived from root)
+        # leaves its master running; Dovecot would refuse to start next to it.
+        stale = _read_pid(self.run_dir / "master.pid")
+        if stale is not None and _alive(stale):
+            _killpg(stale, signal.SIGKILL)
         self._write_config()
         os.environ[PASSWORD_ENV] = self.password
         # -F: stay in the foreground so this Popen *is* the master; a new session keeps

@@ -1,0 +1,255 @@
+"""IMAP mail source: backfill and catch-up by UID cursor, then IDLE; exactly-once storage.
+
+For each folder: SELECT, compare UIDVALIDITY with the stored one (a change restarts the
+cursor and dedupes the rescan, see :mod:`storage.ingest`), then fetch the UIDs above the
+cursor in batches of ``fetch_batch`` with ``BODY.PEEK[]`` (which never sets \\Seen),
+INTERNALDATE and FLAGS, parse them, and commit each batch together with the advanced
+cursor. With ``parse_workers`` > 1, big backfills parse in a process pool while the next
+batch is fetched and the previous one committed.
+
+    >>> src = ImapMailSource(db, account="support", connector=Connector(...),
+    ...                      folders=["INBOX"])                      # doctest: +SKIP
+    >>> src.sync()              # one pass over every folder: number of messages stored
+    12
+    >>> stop = threading.Event()
+    >>> src.watch("INBOX", stop, on_new=lambda n: print(n, "new"))   # until stop.set()
+"""
+
+from __future__ import annotations
+
+import imaplib
+import random
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+
+from agent.logs import get_logger
+from agent.mail.auth import Connector, _close
+from agent.mail.errors import FolderNotFound, MailAuthError, MailError
+from agent.mail.parse import content_hash, parse_email
+from storage import ingest
+from storage.db import Database
+from storage.types import Email
+
+# Errors after which reconnecting may help. Auth errors are not among them: retrying a
+# wrong password only gets the account locked.
+NETWORK_ERRORS = (OSError, socket.timeout, ssl.SSLError, imaplib.IMAP4.abort,
+                  imaplib.IMAP4.error, IMAPClientError, EOFError)
+FETCH_ITEMS = [b"BODY.PEEK[]", b"INTERNALDATE", b"FLAGS"]
+
+
+@dataclass(frozen=True)
+class FolderSync:
+    """What one pass over one folder did."""
+
+    folder: str
+    uidvalidity: int
+    stored: int
+    remapped: int
+    last_uid: int
+    reset: bool          # UIDVALIDITY changed: the pass was a deduplicating rescan
+
+
+class ImapMailSource:
+    """One account's folders. Implements :class:`agent.protocols.MailSource`."""
+
+    def __init__(self, db: Database, *, account: str, connector: Connector,
+                 folders: Sequence[str] = ("INBOX",), fetch_batch: int = 100,
+                 poll_interval_s: float = 30.0, idle_timeout_s: float = 25 * 60,
+                 parse_workers: int = 0, pool_threshold: int = 400,
+                 backoff_initial_s: float = 1.0, backoff_max_s: float = 300.0):
+        self.db = db
+        self.account = account
+        self.connector = connector
+        self.folders = list(folders)
+        self.fetch_batch = fetch_batch
+        self.poll_interval_s = poll_interval_s
+        # RFC 2177: servers may drop an IDLE after 30 minutes; re-issue it before that.
+        self.idle_timeout_s = min(idle_timeout_s, 29 * 60)
+        # 0 parses inline. Parsing costs ~0.35 ms of CPU a message, about what fetching
+        # and committing cost together, so a pool only pays on an otherwise idle
+        # multi-core machine (see scripts/bench/ingest --parse-workers).
+        self.parse_workers = parse_workers
+        self.pool_threshold = pool_threshold
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.log = get_logger(component="mail", account=account)
+        self.last_results: list[FolderSync] = []
+
+    # -- MailSource ----------------------------------------------------------------------
+
+    def sync(self) -> int:
+        """One pass over every folder on one connection; returns how many were stored."""
+        client = self.connector.connect()
+        try:
+            self.last_results = [self.sync_folder(client, f) for f in self.folders]
+        finally:
+            _close(client)
+        return sum(r.stored for r in self.last_results)
+
+    # -- one folder ----------------------------------------------------------------------
+
+    def sync_folder(self, client: IMAPClient, folder: str) -> FolderSync:
+        """Catch ``folder`` up from its cursor (the client is left with it selected)."""
+        log = self.log.bind(folder=folder)
+        try:
+            info = client.select_folder(folder, readonly=True)
+        except IMAPClientError as e:
+            if "NONEXISTENT" in str(e).upper() or "doesn't exist" in str(e).lower():
+                raise FolderNotFound(f"folder {folder!r} does not exist on account "
+                                     f"{self.account}; fix the account's folders list") from e
+            raise
+        uidvalidity = int(info[b"UIDVALIDITY"])
+        cur = ingest.folder_cursor(self.db, self.account, folder,
+                                   host=self.connector.host, user=self.connector.user)
+        reset = False
+        if cur.uidvalidity != uidvalidity:
+            if cur.uidvalidity is not None:
+                log.warning("UIDVALIDITY changed: rescanning the folder with deduplication",
+                            old=cur.uidvalidity, new=uidvalidity)
+                reset = True
+            cur = ingest.set_uidvalidity(self.db, cur.mailbox_id, uidvalidity)
+        dedupe = ingest.has_older_generation(self.db, cur.mailbox_id, uidvalidity)
+        # "N:*" always returns the highest UID, even when it is below N: filter.
+        uids = sorted(u for u in client.search(["UID", f"{cur.last_uid + 1}:*"])
+                      if u > cur.last_uid)
+        if not uids:
+            ingest.touch(self.db, cur.mailbox_id)
+            return FolderSync(folder, uidvalidity, 0, 0, cur.last_uid, reset)
+        stored = remapped = 0
+        batches = [uids[i:i + self.fetch_batch] for i in range(0, len(uids), self.fetch_batch)]
+        pool = self._pool() if len(uids) >= self.pool_threshold else None
+        pending: tuple[list, Future | list[Email]] | None = None
+        try:
+            for chunk in batches:
+                fetched = _fetch(client, chunk)
+                raws = [raw for _uid, raw, _d, _f in fetched]
+                parsed: Future | list[Email] = (
+                    pool.submit(_parse_many, raws) if pool else _parse_many(raws))
+                # Commit the previous batch while this one is parsed in the pool.
+                if pending is not None:
+                    s, r = self._commit(cur.mailbox_id, uidvalidity, *pending, dedupe)
+                    stored, remapped = stored + s, remapped + r
+                pending = (fetched, parsed, chunk[-1])
+            if pending is not None:
+                s, r = self._commit(cur.mailbox_id, uidvalidity, *pending, dedupe)
+                stored, remapped = stored + s, remapped + r
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        log.info("folder synced", stored=stored, remapped=remapped, last_uid=uids[-1],
+                 uidvalidity=uidvalidity)
+        return FolderSync(folder, uidvalidity, stored, remapped, uids[-1], reset)
+
+    def _commit(self, mailbox: int, uidvalidity: int, fetched: list,
+                parsed: Future | list[Email], last_uid: int, dedupe: bool) -> tuple[int, int]:
+        emails = parsed.result() if isinstance(parsed, Future) else parsed
+        batch = [ingest.FetchedMessage(uid=uid, raw=raw, content_hash=content_hash(raw),
+                                       email=e, internal_date=date, flags=flags)
+                 for (uid, raw, date, flags), e in zip(fetched, emails)]
+        res = ingest.store_batch(self.db, mailbox, uidvalidity, batch, last_uid=last_uid,
+                                 dedupe_older=dedupe)
+        return res.stored, res.remapped
+
+    def _pool(self) -> ProcessPoolExecutor | None:
+        if self.parse_workers <= 1:
+            return None
+        import multiprocessing as mp
+
+        # forkserver, not fork: the daemon has threads (watchers, worker), and forking a
+        # threaded process can deadlock the child on a lock held at fork time.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["agent.mail.parse"])
+        return ProcessPoolExecutor(max_workers=self.parse_workers, mp_context=ctx)
+
+    # -- watching ------------------------------------------------------------------------
+
+    def watch(self, folder: str, stop: threading.Event,
+              on_new: Callable[[int], None] | None = None) -> None:
+        """Keep ``folder`` caught up until ``stop`` is set: IDLE, or polling without it.
+
+        Catches up at once after every (re)connect, so nothing that arrived while the
+        connection was down is missed. Network and server errors reconnect with
+        exponential backoff and jitter; a rejected login raises (retrying cannot fix it).
+        ``on_new(n)`` is called after each pass that stored ``n > 0`` messages.
+        """
+        log = self.log.bind(folder=folder)
+        delay = self.backoff_initial_s
+        while not stop.is_set():
+            client = None
+            try:
+                client = self.connector.connect()
+                self._catch_up(client, folder, on_new)
+                delay = self.backoff_initial_s   # connected and caught up: healthy again
+                if client.has_capability("IDLE"):
+                    self._idle_loop(client, folder, stop, on_new)
+                else:
+                    while not stop.wait(self.poll_interval_s):
+                        self._catch_up(client, folder, on_new)
+            except MailAuthError:
+                raise
+            except (MailError, *NETWORK_ERRORS) as e:
+                wait = random.uniform(0.5, 1.0) * delay   # jitter: no thundering herd
+                log.warning("IMAP connection lost; reconnecting", error=f"{type(e).__name__}: {e}",
+                            retry_in_s=round(wait, 2))
+                delay = min(delay * 2, self.backoff_max_s)
+                stop.wait(wait)
+            finally:
+                if client is not None:
+                    _close(client)
+
+    def _catch_up(self, client: IMAPClient, folder: str,
+                  on_new: Callable[[int], None] | None) -> int:
+        res = self.sync_folder(client, folder)
+        if res.stored and on_new is not None:
+            on_new(res.stored)
+        return res.stored
+
+    def _idle_loop(self, client: IMAPClient, folder: str, stop: threading.Event,
+                   on_new: Callable[[int], None] | None) -> None:
+        while not stop.is_set():
+            client.idle()
+            started = time.monotonic()
+            changed = False
+            try:
+                while not stop.is_set() and time.monotonic() - started < self.idle_timeout_s:
+                    # Short checks so a stop request is honoured within a second.
+                    responses = client.idle_check(timeout=1.0)
+                    if any(_is_change(r) for r in responses):
+                        changed = True
+                        break
+            finally:
+                client.idle_done()
+            if changed or not stop.is_set():
+                self._catch_up(client, folder, on_new)
+
+
+def _is_change(response: tuple) -> bool:
+    # EXISTS means new mail; RECENT and FETCH (flag changes) do not need a fetch, but a
+    # server that only sends RECENT is rare enough to treat as a change too.
+    return len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT")
+
+
+def _fetch(client: IMAPClient, uids: list[int]) -> list[tuple[int, bytes, object, tuple]]:
+    data = client.fetch(uids, FETCH_ITEMS)
+    out = []
+    for uid in uids:
+        item = data.get(uid)
+        if item is None:
+            continue   # expunged between SEARCH and FETCH
+        raw = item.get(b"BODY[]") or b""
+        flags = tuple(f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f)
+                      for f in item.get(b"FLAGS", ()))
+        out.append((uid, raw, item.get(b"INTERNALDATE"), flags))
+    return out
+
+
+def _parse_many(raws: list[bytes]) -> list[Email]:
+    return [parse_email(r) for r in raws]
