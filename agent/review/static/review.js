@@ -51,6 +51,10 @@
     ev.preventDefault();
   });
 
+  // Keep the selected email visible in a long queue.
+  var current = document.querySelector('nav.queue a.qitem[aria-current="true"]');
+  if (current && current.scrollIntoView) current.scrollIntoView({ block: "nearest" });
+
   var reject = byId("reject");
   if (reject) {
     reject.addEventListener("click", function (ev) {
