@@ -151,7 +151,10 @@ class ReviewService:
             if item.status == REJECTED:
                 raise AlreadyReviewed(f"draft {draft_id} was rejected meanwhile")
         if not item.delivered:
-            item = self._deliver(item, log)
+            item, created = self._deliver(item, log)
+            # A retried delivery that finally wrote the draft is a change too; one that
+            # found the draft already there (crash after APPEND) is not.
+            changed = changed or created
         return self._outcome(item, changed=changed)
 
     def edit(self, draft_id: int, body: str, *, reviewer: str, **labels: Any) -> ReviewOutcome:
@@ -203,7 +206,7 @@ class ReviewService:
                                     + ", ".join(self.priorities))
         return Labels(category=cat, priority=pri, needs_reply=bool(nr))
 
-    def _deliver(self, item: ReviewItem, log: Any) -> ReviewItem:
+    def _deliver(self, item: ReviewItem, log: Any) -> tuple[ReviewItem, bool]:
         try:
             appender = self._appender_for(item.email.account)
             res = appender(item.email, item.final_draft or item.draft,
@@ -218,9 +221,10 @@ class ReviewService:
                         uidvalidity=getattr(res, "uidvalidity", None),
                         uid=getattr(res, "uid", None),
                         message_id=getattr(res, "message_id", None))
+        created = bool(getattr(res, "created", True))
         log.info("review.delivered", folder=getattr(res, "folder", None),
-                 uid=getattr(res, "uid", None))
-        return self.item(item.draft_id)
+                 uid=getattr(res, "uid", None), created=created)
+        return self.item(item.draft_id), created
 
     @staticmethod
     def _outcome(item: ReviewItem, *, changed: bool) -> ReviewOutcome:

@@ -260,3 +260,18 @@ def test_loopback_app_refuses_foreign_host_headers(sqlite_db, monkeypatch):
     open_app = build_review_app(Settings(), sqlite_db, host="0.0.0.0")
     assert TestClient(open_app, base_url="http://review.example").get(
         "/login").status_code == 200
+
+
+def test_failed_delivery_is_shown_and_retried_from_the_page(env):
+    client, folder, db = env
+    (s,) = seed_escalated(db, n=1)
+    folder.fail_times = 1
+    token = login(client)
+    form = {"csrf_token": token, "body": "Edited", "category": "billing",
+            "priority": "normal", "needs_reply": "1"}
+    r = client.post(f"/items/{s['draft_id']}/approve", data=form)
+    assert "could not be delivered" in r.text and "Retry delivery" in r.text
+    assert "delivery pending" in r.text and folder.drafts == {}
+    r = client.post(f"/items/{s['draft_id']}/approve", data={**form, "body": "ignored"})
+    assert list(folder.drafts.values()) == [(s["message_id"], "Edited")]
+    assert "Nothing waiting for review" in r.text
