@@ -92,7 +92,7 @@ def review_list(
         "Default: no limit.")] = None,
     min_age: Annotated[Optional[str], typer.Option(
         help="Only emails older than this (same units). Default: no limit.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many. Default: 50.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
     include_done: Annotated[bool, typer.Option(
         "--all", help="Also list approved and rejected drafts.")] = False,
     as_json: JsonOpt = False,

@@ -61,6 +61,10 @@ def test_list_and_show(runner, sqlite_db):
     for text in (a[0]["subject"], "Decided by teacher (claude-sonnet-4-5): billing / normal",
                  "category 61%", "Rationale: Double charge", "We have refunded it."):
         assert text in r.stdout, text
+    r = runner.invoke(app, ["review", "show", str(a[0]["draft_id"]), "--json"])
+    shown = json.loads(r.stdout)
+    assert shown["status"] == "pending_review" and shown["draft"] == a[0]["draft"]
+    assert shown["email"]["account"] == "support" and shown["decision"]["source"] == "teacher"
     r = runner.invoke(app, ["review", "show", "999"])
     assert r.exit_code == 1 and "review list" in r.output
 
