@@ -30,11 +30,17 @@ __all__ = [
 
 
 def build_review_service(settings: Any, db: Any) -> ReviewService:
-    from agent.review.delivery import appenders_from_settings
+    from agent.review.delivery import (
+        actions_from_settings,
+        appenders_from_settings,
+        relabelers_from_settings,
+    )
 
+    actions_for = actions_from_settings(settings)
     return ReviewService(db, categories=list(settings.taxonomy.categories),
                          priorities=list(settings.taxonomy.priorities),
-                         appender_for=appenders_from_settings(settings))
+                         appender_for=appenders_from_settings(settings, actions_for),
+                         relabel_for=relabelers_from_settings(settings, actions_for))
 
 
 def build_authenticator(settings: Any):

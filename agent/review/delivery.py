@@ -102,11 +102,27 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def appenders_from_settings(settings: Any) -> Callable[[str | None], Appender]:
+def actions_from_settings(settings: Any) -> Callable[[str], Any]:
+    """``account name -> MailboxActions`` (one per account, so one IMAP connection)."""
+    cache: dict[str, Any] = {}
+
+    def actions_for(name: str) -> Any:
+        if name not in cache:
+            from agent.mail import build_mailbox_actions
+
+            cache[name] = build_mailbox_actions(settings, name)
+        return cache[name]
+
+    return actions_for
+
+
+def appenders_from_settings(settings: Any, actions_for: Callable[[str], Any] | None = None
+                            ) -> Callable[[str | None], Appender]:
     """``account name -> appender`` for every configured account (built lazily, cached)."""
     from config.secrets import read_secret
 
     accounts = {a.name: a for a in settings.accounts}
+    actions_for = actions_for or actions_from_settings(settings)
     cache: dict[str, Appender] = {}
 
     def appender_for(name: str | None) -> Appender:
@@ -123,9 +139,19 @@ def appenders_from_settings(settings: Any) -> Callable[[str | None], Appender]:
                     from_addr=acct.address or acct.user, user=acct.user, password=password,
                     ca_file=str(acct.ca_file) if acct.ca_file else None)
             else:
-                from agent.mail import build_mailbox_actions
-
-                cache[name] = build_mailbox_actions(settings, name).append_draft
+                cache[name] = actions_for(name).append_draft
         return cache[name]
 
     return appender_for
+
+
+def relabelers_from_settings(settings: Any, actions_for: Callable[[str], Any] | None = None
+                             ) -> Callable[[str | None], Any]:
+    """``account name -> MailboxActions.set_keywords`` (None for an unknown account)."""
+    names = {a.name for a in settings.accounts}
+    actions_for = actions_for or actions_from_settings(settings)
+
+    def relabel_for(name: str | None) -> Any:
+        return actions_for(name).set_keywords if name in names else None
+
+    return relabel_for

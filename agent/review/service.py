@@ -3,7 +3,8 @@
 Every action writes one ``reviews`` row holding the reviewer's final labels (category,
 priority, needs-reply, and the final draft when there is one). Those rows are gold
 labels: the next retrain reads them (``storage.reviews.gold_labels``) over the teacher's
-answers with a higher loss weight (``student.gold_weight``).
+answers with a higher loss weight (``student.gold_weight``). A corrected category or
+priority is also put right on the original message's keywords (best effort).
 
 Approving follows "commit, then act": the approval, the final text and a Message-ID for
 the reply are committed first, then the draft is appended to the account's Drafts
@@ -59,6 +60,13 @@ class Appender(Protocol):
         ...
 
 
+class Relabeler(Protocol):
+    """``MailboxActions.set_keywords``: make the message carry these labels' keywords."""
+
+    def __call__(self, email: Email, category: str, priority: str) -> Any:
+        ...
+
+
 @dataclass(frozen=True)
 class ReviewOutcome:
     draft_id: int
@@ -103,11 +111,13 @@ class ReviewService:
     """Approve / edit / reject escalated drafts (flat arguments; see ``build_review_service``)."""
 
     def __init__(self, db: Database, *, categories: Sequence[str], priorities: Sequence[str],
-                 appender_for: Callable[[str | None], Appender]):
+                 appender_for: Callable[[str | None], Appender],
+                 relabel_for: Callable[[str | None], Relabeler | None] | None = None):
         self.db = db
         self.categories = list(categories)
         self.priorities = list(priorities)
         self._appender_for = appender_for
+        self._relabel_for = relabel_for
 
     # -- public calls -----------------------------------------------------------------
 
@@ -147,6 +157,8 @@ class ReviewService:
                                priority=labels.priority, needs_reply=labels.needs_reply,
                                final_draft=body, reason=None)
             log.info("review.approved", action=action, won=changed, **labels.__dict__)
+            if changed:
+                self._relabel(item, labels, log)
             item = self.item(draft_id)     # the committed text and Message-ID win races
             if item.status == REJECTED:
                 raise AlreadyReviewed(f"draft {draft_id} was rejected meanwhile")
@@ -182,8 +194,11 @@ class ReviewService:
                            action="reject", reviewer=reviewer, category=labels.category,
                            priority=labels.priority, needs_reply=labels.needs_reply,
                            final_draft=None, reason=reason)
-        get_logger(draft_id=draft_id, reviewer=reviewer).info(
-            "review.rejected", won=won, **labels.__dict__)
+        log = get_logger(draft_id=draft_id, message_db_id=item.email.db_id,
+                         account=item.email.account, reviewer=reviewer)
+        log.info("review.rejected", won=won, **labels.__dict__)
+        if won:
+            self._relabel(item, labels, log)
         item = self.item(draft_id)
         if item.status != REJECTED:
             raise AlreadyReviewed(f"draft {draft_id} was {item.status} meanwhile")
@@ -205,6 +220,26 @@ class ReviewService:
             raise InvalidCorrection(f"unknown priority {pri!r}; choose one of: "
                                     + ", ".join(self.priorities))
         return Labels(category=cat, priority=pri, needs_reply=bool(nr))
+
+    def _relabel(self, item: ReviewItem, labels: Labels, log: Any) -> None:
+        """Correct the category/priority keywords on the original message, best effort.
+
+        The gold label in SQL is what matters; the keywords are a convenience for mail
+        clients, so a message that was moved or deleted meanwhile only logs a warning.
+        """
+        dec = item.decision
+        if self._relabel_for is None or (
+                dec is not None and (labels.category, labels.priority) == (dec.category,
+                                                                            dec.priority)):
+            return
+        try:
+            relabel = self._relabel_for(item.email.account)
+            if relabel is not None:
+                relabel(item.email, labels.category, labels.priority)
+                log.info("review.relabelled", category=labels.category,
+                         priority=labels.priority)
+        except Exception as e:  # noqa: BLE001 - never fails the review itself
+            log.warning("review.relabel_failed", error=f"{e.__class__.__name__}: {e}")
 
     def _deliver(self, item: ReviewItem, log: Any) -> tuple[ReviewItem, bool]:
         try:

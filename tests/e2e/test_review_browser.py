@@ -231,6 +231,20 @@ def test_review_in_browser_writes_two_drafts_to_dovecot(dovecot, sqlite_db, stat
     assert body(by_parent[first["message_id"]][1]) == first["draft"]
     assert body(by_parent[second["message_id"]][1]) == edited_text
 
+    # The corrected labels are on the second email's keywords; the others are untouched.
+    c = _imap(dovecot)
+    try:
+        c.select_folder("INBOX", readonly=True)
+        flags = {}
+        for uid, data in c.fetch(c.search("ALL"), ["FLAGS", "BODY.PEEK[HEADER]"]).items():
+            mid = email.message_from_bytes(data[b"BODY[HEADER]"])["Message-ID"]
+            flags[mid] = {f.decode() for f in data[b"FLAGS"]}
+    finally:
+        c.logout()
+    assert {"understudy:category:account", "understudy:priority:high"} <= flags[
+        second["message_id"]]
+    assert not any(f.startswith("understudy:") for f in flags[first["message_id"]])
+
     # SQL: draft states and the gold labels the next retrain will weigh higher.
     assert get_item(db, first["draft_id"]).delivered
     assert get_item(db, second["draft_id"]).final_draft == edited_text

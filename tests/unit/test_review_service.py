@@ -257,3 +257,24 @@ def test_reviews_become_gold_training_examples(sqlite_db):
     ea, eb = by_id[str(a["message_db_id"])], by_id[str(b["message_db_id"])]
     assert (ea.category, ea.priority, ea.gold) == ("account", "high", True)
     assert (eb.category, eb.needs_reply, eb.gold) == ("billing", False, True)
+
+
+def test_corrected_labels_are_put_on_the_message_best_effort(sqlite_db):
+    a, b, c = seed_escalated(sqlite_db, n=3)
+    calls = []
+
+    def relabel_for(account):
+        def relabel(email, category, priority):
+            calls.append((email.message_id, category, priority))
+            if category == "other":
+                raise ConnectionError("message was moved")
+        return relabel
+
+    svc = ReviewService(sqlite_db, categories=CATS, priorities=PRIS,
+                        appender_for=lambda account: DraftsFolder().append_draft,
+                        relabel_for=relabel_for)
+    svc.approve(a["draft_id"], reviewer="ana")                       # no correction
+    svc.approve(b["draft_id"], reviewer="ana", priority="urgent")
+    out = svc.reject(c["draft_id"], reviewer="ana", reason="spam", category="other")
+    assert calls == [(b["message_id"], "billing", "urgent"), (c["message_id"], "other", "normal")]
+    assert out.status == "rejected"          # a failed relabel never fails the review
