@@ -215,6 +215,11 @@ class ImapMailSource:
     def _idle_loop(self, client: IMAPClient, folder: str, stop: threading.Event,
                    on_new: Callable[[int], None] | None) -> None:
         while not stop.is_set():
+            if _exists_seen(client):
+                # Mail arrived while the catch-up ran: the server reported it then (as an
+                # untagged EXISTS next to SEARCH/FETCH) and will not repeat it in IDLE.
+                self._catch_up(client, folder, on_new)
+                continue
             client.idle()
             started = time.monotonic()
             changed = False
@@ -229,6 +234,12 @@ class ImapMailSource:
                 client.idle_done()
             if changed or not stop.is_set():
                 self._catch_up(client, folder, on_new)
+
+
+def _exists_seen(client: IMAPClient) -> bool:
+    # imaplib files untagged responses that arrive with other commands here; SELECT
+    # flushes them, so any EXISTS present was reported after the last catch-up's SELECT.
+    return bool(client._imap.untagged_responses.get("EXISTS"))  # noqa: SLF001
 
 
 def _is_change(response: tuple) -> bool:
