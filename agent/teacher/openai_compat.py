@@ -102,7 +102,8 @@ class OpenAICompatTeacher:
                              input_digest=digest_text(self.model, _system(tax), content))
         try:
             cat_probs = self.choose(self._ask(content, "Which category fits this email best? "
-                                              "Answer with the category name only."), tax.names)
+                                              f"Answer with one of: {', '.join(tax.names)}. "
+                                              "The category name only."), tax.names)
             category = max(cat_probs, key=cat_probs.get)
             prio = self.choose(self._ask(content, "How urgent is this email? Answer with one "
                                          f"word: {', '.join(tax.priorities)}."),
@@ -140,27 +141,34 @@ class OpenAICompatTeacher:
         """A distribution over ``options`` from the model's answer-token logprobs."""
         names = {o.lower(): o for o in options}
         probs = {o: 0.0 for o in options}
+        # (text the model produced so far, as sent back to it; its mass)
         frontier: list[tuple[str, float]] = [("", 1.0)]
         expansions = 0
         while frontier:
-            prefix, mass = frontier.pop(0)
+            raw, mass = frontier.pop(0)
+            prefix = raw.lower()
             cands = [n for n in names if n.startswith(prefix)]
             if prefix and (len(cands) == 1 or expansions >= self.max_expansions
                            or not self._can_continue):
                 for n in cands:
                     probs[names[n]] += mass / len(cands)
                 continue
-            top = self._top_tokens(messages, prefix)
+            top = self._top_tokens(messages, raw)
             expansions += 1
             for token, p in top:
-                new = (prefix + token).lower() if prefix else token.lower().lstrip()
+                new_raw = raw + token if raw else token.lstrip()
+                new = new_raw.lower()
                 if not new:
                     continue
                 matching = [n for n in cands if n.startswith(new)]
                 if len(matching) == 1:
                     probs[names[matching[0]]] += mass * p
                 elif matching:
-                    frontier.append((new, mass * p))
+                    same = [i for i, (r, _) in enumerate(frontier) if r == new_raw]
+                    if same:       # reached twice (e.g. "Card" and "C"+"ard"): one request
+                        frontier[same[0]] = (new_raw, frontier[same[0]][1] + mass * p)
+                    else:
+                        frontier.append((new_raw, mass * p))
                 else:
                     done = [n for n in cands if new.startswith(n)
                             and not new[len(n):len(n) + 1].isalnum()]
