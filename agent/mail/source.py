@@ -163,10 +163,13 @@ class ImapMailSource:
             return None
         import multiprocessing as mp
 
-        # forkserver, not fork: the daemon has threads (watchers, worker), and forking a
-        # threaded process can deadlock the child on a lock held at fork time.
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["agent.mail.parse"])
+        # fork only while single-threaded: in the daemon (watchers, worker threads) a
+        # fork can deadlock the child on a lock held at fork time, so use forkserver.
+        if threading.active_count() == 1:
+            ctx = mp.get_context("fork")
+        else:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["agent.mail.parse"])
         return ProcessPoolExecutor(max_workers=self.parse_workers, mp_context=ctx)
 
     # -- watching ------------------------------------------------------------------------
