@@ -25,6 +25,12 @@ def render_status(snap: dict[str, Any]) -> str:
     lines.append(f"parse errors {pe['count']}")
     lines += [f"  #{r['id']} {r['subject']!r}: {r['error']}" for r in pe["recent"]]
     lines.append(f"model-call errors (24h) {snap['model_call_errors_24h']}")
+    # --- teacher capability (issue 4): teacher failures by kind ---
+    tc = snap.get("teacher_calls")
+    if tc:
+        lines.append(f"teacher calls today {tc['calls_today']}; failed (24h): "
+                     f"{tc['invalid_answers_24h']} invalid answer(s), {tc['unavailable_24h']} "
+                     f"unavailable, {tc['other_failures_24h']} other")
     lines += [f"  call #{r['id']} ({r['role']}, message {r['message_id']}): {r['error']}"
               for r in snap["recent_model_call_errors"]]
     run = snap["last_training_run"]

@@ -72,7 +72,25 @@ def status_snapshot(db: Database, settings: Any) -> dict[str, Any]:
         **_daemon_keys(db, settings, active),
         # --- added by the review capability (issue 7) ---
         "review": _review_keys(db),
+        # --- added by the teacher capability (issue 4) ---
+        "teacher_calls": _teacher_keys(db, now),
     }
+
+
+def _teacher_keys(db: Database, now: datetime) -> dict[str, Any]:
+    """Teacher calls today (UTC) and the last day's failures by kind: an invalid answer
+    (the email stays queued and is asked again) or the teacher being unavailable."""
+    since = now - timedelta(days=1)
+    with db.session() as s:
+        calls_today = s.scalar(select(func.count()).where(
+            ModelCall.role == "teacher", ModelCall.created_at >= start_of_utc_day(now)))
+        errors = list(s.scalars(select(ModelCall.error).where(
+            ModelCall.role == "teacher", ModelCall.error.is_not(None),
+            ModelCall.created_at >= since)))
+    invalid = sum(e.startswith("invalid answer") for e in errors)
+    unavailable = sum(e.startswith("teacher unavailable") for e in errors)
+    return {"calls_today": calls_today, "invalid_answers_24h": invalid,
+            "unavailable_24h": unavailable, "other_failures_24h": len(errors) - invalid - unavailable}
 
 
 def _review_keys(db: Database) -> dict[str, int]:

@@ -112,7 +112,10 @@ def test_invalid_output_is_a_recorded_failure_still_paid_for(messages_api, sqlit
     assert fragment in row.error and row.output == {"raw": r.raw_output}
     assert row.cost_usd == pytest.approx(r.cost_usd)
     assert len(unlabelled_emails(sqlite_db)) == 1                 # still queued for a retry
-    assert status_snapshot(sqlite_db, load_settings(None))["model_call_errors_24h"] == 1
+    snap = status_snapshot(sqlite_db, load_settings(None))
+    assert snap["model_call_errors_24h"] == 1
+    assert snap["teacher_calls"] == {"calls_today": 1, "invalid_answers_24h": 1,
+                                     "unavailable_24h": 0, "other_failures_24h": 0}
 
 
 def test_429_with_retry_after_is_honoured_and_counted(messages_api):
@@ -153,6 +156,7 @@ def test_outage_raises_unavailable_with_paid_results_then_recovers(messages_api,
     assert [r.ok for r in done] == [True, False]
     assert done[1].retries == 2 and "529" in done[1].error
     record(sqlite_db, done)
+    assert status_snapshot(sqlite_db, load_settings(None))["teacher_calls"]["unavailable_24h"] == 1
     left = unlabelled_emails(sqlite_db)
     assert len(left) == 2                         # the failed and the untried email wait
     results = teacher.label(left)                 # the outage is over
