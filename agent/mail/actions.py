@@ -37,6 +37,7 @@ from email.utils import formatdate, make_msgid
 from typing import Callable, TypeVar
 
 from imapclient import DRAFT, IMAPClient
+from imapclient.imapclient import DRAFTS
 
 from agent.logs import get_logger
 from agent.mail.auth import Connector, _close
@@ -250,7 +251,7 @@ class MailboxActions:
         if self.drafts_folder:
             folder = self.drafts_folder
         else:
-            folder = c.find_special_folder(DRAFT) or "Drafts"
+            folder = c.find_special_folder(DRAFTS) or "Drafts"
         if not c.folder_exists(folder):
             c.create_folder(folder)
         return folder
