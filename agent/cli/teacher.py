@@ -34,7 +34,9 @@ def teacher_label(
 
     The labels are training data: decisions and mailbox actions stay with the daemon.
     """
-    from agent.teacher import estimate_cost
+    from agent.teacher import estimate_cost, taxonomy_of
+    from agent.teacher.base import prompt_tokens
+    from agent.teacher.pricing import MIN_CACHEABLE_TOKENS
     from storage.records import unlabelled_stats
 
     app = app_context(ctx)
@@ -42,13 +44,16 @@ def teacher_label(
     t = settings.teacher
     if dry_run is not None:
         n, avg = unlabelled_stats(db, dry_run)
-        usd = estimate_cost(n, avg, t.price_table, k=t.self_consistency_k, batch=batch) \
+        fixed = prompt_tokens(taxonomy_of(settings))
+        usd = estimate_cost(n, avg, t.price_table, k=t.self_consistency_k, batch=batch,
+                            system_tokens=fixed, cached_system=fixed >= MIN_CACHEABLE_TOKENS) \
             if t.backend == "anthropic" else 0.0
         emit(f"would label {n} email(s) (mean {avg:.0f} chars) with {t.backend}:{t.model}"
              f"{' via batches' if batch else ''}: about ${usd:.4f}; nothing was sent",
              {"emails": n, "avg_chars": round(avg, 1), "estimated_usd": round(usd, 6),
               "backend": t.backend, "model": t.model, "batch": batch,
-              "k": t.self_consistency_k, "prices_per_mtok": t.price_table.model_dump()}, as_json)
+              "k": t.self_consistency_k, "prompt_tokens": fixed,
+              "prices_per_mtok": t.price_table.model_dump()}, as_json)
         return
     _label(settings, db, limit, batch, poll_interval, as_json)
 

@@ -133,6 +133,11 @@ def answer_schema(tax: Taxonomy) -> dict[str, Any]:
     }
 
 
+def prompt_tokens(tax: Taxonomy) -> int:
+    """Planning size of the per-call fixed prompt (system prompt + schema), in tokens."""
+    return int(len(system_prompt(tax) + json.dumps(answer_schema(tax))) / 4)
+
+
 def parse_answer(text: str, tax: Taxonomy) -> Answer:
     """Validate the model's JSON text against the schema and the taxonomy."""
     try:

@@ -27,10 +27,10 @@ import anthropic
 import structlog
 
 from agent.teacher.base import (MAX_EMAIL_CHARS, Answer, InvalidAnswer, Taxonomy, answer_schema,
-                                parse_answer, system_prompt, user_content, vote)
+                                parse_answer, prompt_tokens, system_prompt, user_content, vote)
 from agent.teacher.budget import SpendGuard
 from agent.teacher.errors import TeacherUnavailable
-from agent.teacher.pricing import call_cost, estimate_cost
+from agent.teacher.pricing import MIN_CACHEABLE_TOKENS, call_cost, estimate_cost
 from config import PriceTable
 from storage.calls import digest_text
 from storage.types import Email, TeacherResult
@@ -103,7 +103,10 @@ class ClaudeTeacher:
         }
 
     def estimate(self, n_emails: int, avg_chars: float, batch: bool = False) -> float:
-        return estimate_cost(n_emails, avg_chars, self.prices, k=self.k, batch=batch)
+        """Planning estimate in USD (see :func:`agent.teacher.pricing.estimate_cost`)."""
+        fixed = prompt_tokens(self.taxonomy)
+        return estimate_cost(n_emails, avg_chars, self.prices, k=self.k, batch=batch,
+                             system_tokens=fixed, cached_system=fixed >= MIN_CACHEABLE_TOKENS)
 
     # -- one email -------------------------------------------------------------------
     def _label_one(self, email: Email, done: list[TeacherResult]) -> TeacherResult:

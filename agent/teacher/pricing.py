@@ -18,6 +18,7 @@ from config import PriceTable
 CHARS_PER_TOKEN = 4.0          # English prose; a fair planning figure for email
 SYSTEM_PROMPT_TOKENS = 900     # taxonomy, instructions and the output schema, per call
 OUTPUT_TOKENS = 220            # one answer: labels, probabilities, a short draft
+MIN_CACHEABLE_TOKENS = 1024    # the API caches no shorter prefix (Sonnet; 4096 on some)
 
 
 def call_cost(table: PriceTable, *, input_tokens: int = 0, output_tokens: int = 0,

@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.teacher import build_teacher, estimate_cost, read_records
+from agent.teacher import build_teacher, estimate_cost, read_records, taxonomy_of
+from agent.teacher.base import prompt_tokens
 from agent.teacher.recorded import RecordedTeacher
 from agent.teacher.records import TeacherRecord
 from config import load_settings
@@ -112,8 +113,11 @@ def test_dry_run_estimates_without_calling_the_teacher(cli, messages_api, monkey
     _seed(3)
     data = json.loads(cli("teacher", "label", "--dry-run", "2", "--json").stdout)
     assert data["emails"] == 2 and data["avg_chars"] == pytest.approx((102 + 202) / 2)
-    assert data["estimated_usd"] == pytest.approx(
-        estimate_cost(2, (102 + 202) / 2, load_settings(None).teacher.price_table), rel=1e-4)
+    fixed = prompt_tokens(taxonomy_of(load_settings(None)))
+    assert data["prompt_tokens"] == fixed
+    assert data["estimated_usd"] == pytest.approx(estimate_cost(
+        2, (102 + 202) / 2, load_settings(None).teacher.price_table, system_tokens=fixed,
+        cached_system=fixed >= 1024), rel=1e-4)
     batch = json.loads(cli("teacher", "label", "--dry-run", "2", "--batch", "--json").stdout)
     assert batch["estimated_usd"] == pytest.approx(data["estimated_usd"] / 2, rel=1e-3)
     assert "nothing was sent" in cli("teacher", "label", "--dry-run", "5").stdout
