@@ -71,12 +71,17 @@ class LocalDovecot:
 
     def __init__(self, root: Path, user: str = "demo@localhost",
                  password: str = DEFAULT_PASSWORD, host: str = "127.0.0.1",
-                 port: int | None = None):
+                 port: int | None = None, tls: bool = False):
         self.root = Path(root).resolve()
         self.user = user
         self.password = password
         self.host = host
         self.port = port
+        # tls=True: STARTTLS on ``port`` and implicit TLS on ``tls_port``, with a
+        # self-signed certificate for 127.0.0.1/localhost in ``ca_file``.
+        self.tls = tls
+        self.tls_port: int | None = None
+        self.ca_file: Path | None = None
         self.conf = self.root / "dovecot.conf"
         self.log = self.root / "dovecot.log"
         self.pid_file = self.root / "dovecot.pid"
@@ -104,6 +109,8 @@ class LocalDovecot:
             raise DovecotNotFound(DovecotNotFound.__doc__)
         if self.port is None:
             self.port = free_port(self.host)
+        if self.tls and self.tls_port is None:
+            self.tls_port = free_port(self.host)
         # A crashed earlier run for this same root (its runtime dir is derived from root)
         # leaves its master running; Dovecot would refuse to start next to it.
         stale = _read_pid(self.run_dir / "master.pid")
@@ -183,7 +190,11 @@ class LocalDovecot:
         d: dict[str, Any] = {"name": name, "host": self.host, "port": self.port,
                              "security": "none", "user": self.user, "auth": "password",
                              "password_env": PASSWORD_ENV, "folders": ["INBOX"]}
+        if self.tls:
+            d["ca_file"] = str(self.ca_file)
         d.update(overrides)
+        if d.get("security") == "tls" and "port" not in overrides:
+            d["port"] = self.tls_port
         return d
 
     def folder_path(self, folder: str = "INBOX") -> Path:
@@ -235,6 +246,12 @@ class LocalDovecot:
         except OSError:
             return False
 
+    def _certificate(self) -> Path:
+        cert, key = self.root / "cert.pem", self.root / "key.pem"
+        if not cert.exists():
+            _openssl_cert(cert, key)
+        return cert
+
     def _log_tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -259,6 +276,11 @@ class LocalDovecot:
         # imap-login), so their sockets and the passwd file live in a world-traversable
         # directory outside the (often 0700) test dir.
         run.chmod(0o755)
+        ssl_conf = "ssl = no"
+        if self.tls:
+            self.ca_file = self._certificate()
+            ssl_conf = (f"ssl = yes\nssl_cert = <{self.ca_file}\n"
+                        f"ssl_key = <{self.root / 'key.pem'}")
         passwd = run / "passwd"
         passwd.write_text(f"{self.user}:{{PLAIN}}{self.password}::::::\n")
         passwd.chmod(0o644)
@@ -273,7 +295,7 @@ instance_name = understudy-{self.port}
 protocols = imap
 listen = {self.host}
 log_path = {self.log}
-ssl = no
+{ssl_conf}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 # As a normal user every process runs as that user; as root the login/internal processes
@@ -309,7 +331,8 @@ service imap-login {{
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {self.host}
+    port = {self.tls_port or 0}
   }}
 }}
 service auth {{
@@ -339,6 +362,14 @@ service managesieve-login {{
   chroot =
 }}
 """)
+
+
+def _openssl_cert(cert: Path, key: Path) -> None:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
 
 
 def _service_users(uid: int) -> tuple[str, str]:

@@ -183,3 +183,30 @@ def test_folder_deleted_and_recreated_creates_no_duplicates(dovecot, db):
     assert src.sync() == 2
     assert src.last_results[0].reset
     assert stored_subjects(db) == sorted(f"s number {i}" for i in range(8))
+
+
+def test_polls_when_the_server_has_no_idle(dovecot, sqlite_db):
+    class NoIdle(Connector):
+        def connect(self):
+            c = super().connect()
+            c._cached_capabilities = tuple(x for x in c.capabilities() if x != b"IDLE")
+            return c
+
+    conn = NoIdle(host=dovecot.host, port=dovecot.port, security="none", user=dovecot.user,
+                  password_env="UNDERSTUDY_TEST_IMAP_PASSWORD")
+    src = ImapMailSource(sqlite_db, account="test", connector=conn, folders=["INBOX"],
+                         poll_interval_s=0.2)
+    stop = threading.Event()
+    t = threading.Thread(target=src.watch, args=("INBOX", stop), daemon=True)
+    t.start()
+    try:
+        c = client(dovecot)
+        for i in range(2):
+            c.append("INBOX", mail(i, "p"))
+            assert wait_for(lambda: len(stored_subjects(sqlite_db)) == i + 1, 10)
+        c.logout()
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert stored_subjects(sqlite_db) == ["p number 0", "p number 1"]
