@@ -57,7 +57,7 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
                                  work_dir: Path | None = None, limit: int | None = None,
                                  progress: Callable[[str], None] = lambda _l: None) -> dict:
     """Build the daemon's components for an isolated work dir and run one replay."""
-    from agent.build import build_retrain, build_router, build_student, build_worker
+    from agent.build import build_router, build_student, build_worker
     from agent.teacher import build_teacher
 
     stream_recs = list(read_records(stream))
@@ -79,7 +79,7 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
     student = build_student(s, db, poll_s=0.0)
     worker = build_worker(s, db, worker_id=WORKER, student=student, teacher=teacher)
     replay = Replay(db, worker=worker, student=student, teacher=teacher, cost=cost,
-                    router=build_router(s), retrain=build_retrain(s, db),
+                    router=build_router(s), retrain=_retrainer(s, db),
                     retrain_every=retrain_every, progress=progress)
     progress(f"[simulate] {len(stream_recs)} stream emails, {len(test_recs)} test, "
              f"{len(categories)} categories, retrain every {retrain_every}; work dir {work}")
@@ -95,6 +95,15 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
                          "answers are priced as if it drafted a reply for each email."])
     result["targets"] = targets(result)
     return result
+
+
+def _retrainer(s: Settings, db: Database) -> Callable[[str], object]:
+    """trigger -> distill.pipeline.retrain on the replay's SQL log (the real gate)."""
+    def retrain(trigger: str):
+        from distill.pipeline import retrain as run, retrain_kwargs
+
+        return run(db, **retrain_kwargs(s), trigger=trigger)
+    return retrain
 
 
 def targets(result: dict) -> dict:

@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CATS = ("card_arrival", "lost_or_stolen_card", "exchange_rate", "pin_blocked",
         "age_limit", "terminate_account")
-N_STREAM, RETRAIN_EVERY, N_TEST = 240, 120, 90
+# Small enough for the suite's budget; a loose target risk so that even a student trained
+# on 80 labels (8 in its validation split) certifies a threshold and handles some mail.
+N_STREAM, RETRAIN_EVERY, N_TEST, RISK = 160, 80, 60, "0.3"
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +44,11 @@ def replay(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("UNDERSTUDY_STATE_DIR", str(tmp / "state"))
     mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("UNDERSTUDY_STUDENT__EPOCHS", "3")
+    mp.setenv("UNDERSTUDY_STUDENT__EPOCHS", "2")
     try:
         r = CliRunner().invoke(app, [
             "simulate", "--stream", str(tmp / "stream.jsonl"), "--test", str(tmp / "test.jsonl"),
-            "--retrain-every", str(RETRAIN_EVERY), "--risk", "0.1", "--audit-fraction", "0.2",
+            "--retrain-every", str(RETRAIN_EVERY), "--risk", RISK, "--audit-fraction", "0.3",
             "--work-dir", str(tmp / "work"), "--out", str(tmp / "run.json"), "--json"])
     finally:
         mp.undo()
@@ -135,7 +137,10 @@ def test_report_from_the_run_and_from_its_database(replay, tmp_path):
         out = tmp_path / "r.html"
         res = CliRunner().invoke(app, [*args, "--out", str(out)])
         assert res.exit_code == 0, res.output
-        pngs = _pngs(out.read_text())
-        assert len(pngs) == 7
+        html = out.read_text()
+        pngs = _pngs(html)
+        # Every panel has a plot, except audits when the student handled nothing alone.
+        assert len(pngs) == 7 - (r["audits"]["n"] == 0)
+        assert html.count("no data yet") == (r["audits"]["n"] == 0)
         for png in pngs:
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
