@@ -298,6 +298,8 @@ log_path = {self.log}
 {ssl_conf}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+# Fail wrong logins at once (tests provoke them on purpose).
+auth_failure_delay = 0
 # As a normal user every process runs as that user; as root the login/internal processes
 # run as Debian's dovenull/dovecot users (imap-login refuses root) and mail as root.
 # No chroots, so the same config works in CI containers and on a laptop.
