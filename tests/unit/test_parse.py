@@ -161,12 +161,10 @@ def test_content_hash_is_sha256_of_the_bytes():
     assert content_hash(raw) != content_hash(raw + b" ")
 
 
-def test_runs_of_empty_parameters_parse_fast():
-    # The stdlib header parser is quadratic in "; ; ; ..." (real spam has them).
-    import time
-
+@pytest.mark.timeout(30)
+def test_runs_of_empty_parameters_do_not_hang_the_parser():
+    # The stdlib header parser is quadratic in "; ; ; ..." (real spam has them): without
+    # the guard this message takes many minutes; the timeout turns that into a failure.
     raw = b"Subject: x\r\nContent-Type: text/plain" + b" ;" * 20000 + b"\r\n\r\nstill here"
-    t = time.process_time()
     e = parse_email(raw)
-    assert time.process_time() - t < 1.0
     assert e.text == "still here"
