@@ -30,6 +30,7 @@ RECORDS = [
 
 @pytest.fixture
 def cli(state_dir, monkeypatch):
+    monkeypatch.setenv("UNDERSTUDY_TEACHER__MODEL", "claude-sonnet-5-5")   # not deprecated
     runner = CliRunner()
 
     def run(*args, ok=True):
