@@ -25,6 +25,9 @@ def teacher_label(
         "within 24 h; the command waits, polling (default: off, one call per email).")] = False,
     poll_interval: Annotated[float, typer.Option(
         help="Seconds between batch status polls (default 30).", min=0.0)] = 30.0,
+    max_wait: Annotated[float, typer.Option(
+        help="Stop waiting for a batch after this many seconds (default 86400); the next "
+        "run collects it without paying again.", min=0.0)] = 86400.0,
     dry_run: Annotated[Optional[int], typer.Option(
         "--dry-run", metavar="N", help="Print the estimated cost (USD) of labelling the next N "
         "pending emails and spend nothing.", min=1)] = None,
@@ -55,43 +58,32 @@ def teacher_label(
               "k": t.self_consistency_k, "prompt_tokens": fixed,
               "prices_per_mtok": t.price_table.model_dump()}, as_json)
         return
-    _label(settings, db, limit, batch, poll_interval, as_json)
+    _label(settings, db, limit, batch, poll_interval, max_wait, as_json)
 
 
-def _label(settings, db, limit: int, batch: bool, poll_interval: float, as_json: bool) -> None:
-    from agent.teacher import TeacherConfigError, TeacherUnavailable, build_teacher
-    from storage.calls import record_teacher_result
-    from storage.records import unlabelled_emails
+def _label(settings, db, limit: int, batch: bool, poll_interval: float, max_wait: float,
+           as_json: bool) -> None:
+    from agent.teacher import TeacherConfigError, build_teacher
+    from agent.teacher.backfill import backfill
 
     try:
         teacher = build_teacher(settings, db)
     except TeacherConfigError as e:
         fail(str(e), EXIT_CONFIG)
-    emails = unlabelled_emails(db, limit)
-    stopped = None
-    try:
-        if batch:
-            if not hasattr(teacher, "label_batch"):
-                fail(f"--batch needs the anthropic backend, not {settings.teacher.backend}",
-                     EXIT_CONFIG)
-            results = teacher.label_batch(emails, poll_interval_s=poll_interval)
-        else:
-            results = teacher.label(emails)
-    except TeacherUnavailable as e:
-        results, stopped = e.results, str(e)
-    with db.session() as s:
-        for r in results:
-            record_teacher_result(s, r, message_id=int(r.email_id), purpose="label",
-                                  escalated=False)
-    ok = sum(r.ok for r in results)
-    cost = sum(r.cost_usd for r in results)
-    data = {"requested": len(emails), "labelled": ok, "failed": len(results) - ok,
-            "not_attempted": len(emails) - len(results), "cost_usd": round(cost, 6),
-            "batch": batch, "stopped": stopped}
-    summary = (f"labelled {ok} of {len(emails)} email(s), {len(results) - ok} failed, "
-               f"${cost:.4f}" + (f"; stopped: {stopped}" if stopped else ""))
+    if batch and not hasattr(teacher, "label_batch"):
+        fail(f"--batch needs the anthropic backend, not {settings.teacher.backend}", EXIT_CONFIG)
+    rep = backfill(teacher, db, limit=limit, batch=batch, poll_interval_s=poll_interval,
+                   max_wait_s=max_wait)
+    data = {**rep.as_dict(), "batch": batch}
+    summary = (f"labelled {rep.labelled} of {rep.requested} email(s), {rep.failed} failed, "
+               f"${rep.cost_usd:.4f}"
+               + (f"; collected earlier batch(es) {', '.join(rep.collected_batches)}"
+                  if rep.collected_batches else "")
+               + (f"; still processing: {', '.join(rep.pending_batches)} (run again later)"
+                  if rep.pending_batches else "")
+               + (f"; stopped: {rep.stopped}" if rep.stopped else ""))
     emit(summary, data, as_json)
-    if stopped:
+    if rep.stopped:
         raise typer.Exit(EXIT_UNAVAILABLE)
 
 
@@ -136,9 +128,17 @@ def dataset_export(
     from agent.teacher import TeacherRecord, write_records
     from storage.records import export_records
 
+    from agent.teacher import RecordsFormatError
+
     db = app_context(ctx).database()
-    records = [TeacherRecord.from_dict(r, f"message {r['id']}") for r in
-               export_records(db, limit=limit)]
+    records, skipped = [], []
+    for r in export_records(db, limit=limit):
+        try:
+            records.append(TeacherRecord.from_dict(r, f"message {r['id']}"))
+        except RecordsFormatError as e:      # e.g. a stored soft label that does not sum up
+            skipped.append(str(e))
+    for problem in skipped[:5]:
+        typer.echo(f"warning: skipped {problem}", err=True)
     gold = sum(r.source == "human" for r in records)
     if out is None:
         for r in records:
@@ -146,8 +146,8 @@ def dataset_export(
         typer.echo(f"exported {len(records)} record(s) ({gold} gold)", err=True)
         return
     n = write_records(out, records)
-    emit(f"exported {n} record(s) to {out} ({gold} gold)",
-         {"file": str(out), "records": n, "gold": gold}, as_json)
+    emit(f"exported {n} record(s) to {out} ({gold} gold, {len(skipped)} skipped)",
+         {"file": str(out), "records": n, "gold": gold, "skipped": len(skipped)}, as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -192,3 +192,28 @@ def test_build_teacher_recorded_rejects_unknown_categories(tmp_path, records_fil
     t2 = build_teacher(load_settings(None, teacher={"backend": "recorded", "records": str(odd)}))
     [r] = t2.label([Email(id="z")])
     assert not r.ok and "not in the taxonomy" in r.error
+
+
+def test_interrupted_batch_is_collected_next_run_not_paid_twice(cli, messages_api,
+                                                                monkeypatch):
+    monkeypatch.setenv("UNDERSTUDY_TEACHER__BASE_URL", messages_api.base_url)
+    _seed(2)
+    messages_api.batch_polls_until_done = 1000         # the batch takes "hours"
+    res = cli("teacher", "label", "--batch", "--poll-interval", "0", "--max-wait", "0",
+              "--json", ok=False)
+    first = json.loads(res.stdout)
+    assert res.exit_code == 4 and len(first["pending_batches"]) == 1
+    assert first["labelled"] == 0
+    again = json.loads(cli("teacher", "label", "--batch", "--max-wait", "0", "--json",
+                           ok=False).stdout)
+    assert again["requested"] == 0 and again["pending_batches"] == first["pending_batches"]
+    messages_api.batch_polls_until_done = 0            # now it has ended
+    last = json.loads(cli("teacher", "label", "--batch", "--json").stdout)
+    assert last["collected_batches"] == first["pending_batches"] and last["labelled"] == 2
+    submits = [r for r in messages_api.requests
+               if (r.method, r.path) == ("POST", "/v1/messages/batches")]
+    assert len(submits) == 1                           # never submitted twice
+    with _db().session() as s:
+        rows = s.execute(select(ModelCall.message_id, ModelCall.batch_id)).all()
+        assert sorted(m for m, _ in rows) == [1, 2]
+        assert {b for _, b in rows} == set(first["pending_batches"])
