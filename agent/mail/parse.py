@@ -49,9 +49,9 @@ class _MemoPolicy(EmailPolicy):
         if hasattr(value, "name"):
             return value
         if ";;" in value or "; ;" in value:
-            # The stdlib's structured-header parser is quadratic in runs of empty
-            # parameters: spam with "text/html ; ; ; ..." took 0.9 s for one header.
-            # Empty parameters mean nothing, so drop them first.
+            # The stdlib's structured-header parser spends ~0.1 ms per empty parameter:
+            # one spamassassin spam's 7,000 "; " took 0.9 s, and a 1 MB header would
+            # stall ingestion for a minute. Empty parameters mean nothing: drop them.
             value = _EMPTY_PARAMS.sub(";", value)
         return _memo_header(self, name, value)
 

@@ -161,10 +161,10 @@ def test_content_hash_is_sha256_of_the_bytes():
     assert content_hash(raw) != content_hash(raw + b" ")
 
 
-@pytest.mark.timeout(30)
-def test_runs_of_empty_parameters_do_not_hang_the_parser():
-    # The stdlib header parser is quadratic in "; ; ; ..." (real spam has them): without
-    # the guard this message takes many minutes; the timeout turns that into a failure.
-    raw = b"Subject: x\r\nContent-Type: text/plain" + b" ;" * 20000 + b"\r\n\r\nstill here"
+@pytest.mark.timeout(10)
+def test_runs_of_empty_parameters_do_not_stall_the_parser():
+    # The stdlib header parser spends ~0.1 ms per empty parameter (real spam has
+    # thousands): without the guard this 1 MB header takes about a minute.
+    raw = b"Subject: x\r\nContent-Type: text/plain" + b" ;" * 500_000 + b"\r\n\r\nstill here"
     e = parse_email(raw)
     assert e.text == "still here"
