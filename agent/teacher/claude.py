@@ -198,6 +198,9 @@ class ClaudeTeacher:
                 reason = "timed out" if isinstance(e, anthropic.APITimeoutError) \
                     else f"connection failed: {e}"
                 hint = None
+            except anthropic.AnthropicError as e:
+                # e.g. a response the SDK cannot validate: this call failed, the API is up.
+                raise _Rejected(f"{type(e).__name__}: {e}"[:300], attempt) from e
             if attempt >= self.max_retries:
                 raise _GaveUp(f"{reason} (after {attempt} retries)", attempt,
                               hint if hint is not None else self.backoff_max_s)

@@ -118,6 +118,9 @@ class OpenAICompatTeacher:
                 from None
         except ValueError as e:      # no category in the logprobs: a bad answer
             return self._finish(base, t0, error=f"invalid answer: {e}")
+        except (KeyError, IndexError, TypeError) as e:   # a response of another shape
+            return self._finish(base, t0, error=f"invalid answer: unexpected response "
+                                                f"({type(e).__name__}: {e})")
         return self._finish(replace(
             base, category=category, category_probs=cat_probs,
             priority=max(prio, key=prio.get), needs_reply=needs_reply, draft=draft,

@@ -251,3 +251,15 @@ def test_batch_backfill_is_priced_at_the_batch_discount(messages_api):
     full = call_cost(teacher.prices, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
                      cache_read_tokens=r.cache_read_tokens, cache_write_tokens=r.cache_write_tokens)
     assert r.cost_usd == pytest.approx(full * 0.5)
+
+
+def test_a_rejected_request_fails_that_email_only_and_a_refused_key_is_unavailable(messages_api):
+    teacher = teacher_for(messages_api)
+    messages_api.enqueue(("status", 400, {}), "valid")
+    bad, good = teacher.label([Email(id="1", text="x"), Email(id="2", text="refund")])
+    assert not bad.ok and "request rejected: HTTP 400" in bad.error and bad.retries == 0
+    assert good.ok
+    messages_api.enqueue(("status", 401, {}))
+    with pytest.raises(TeacherUnavailable, match="API key was refused") as e:
+        teacher.label([Email(id="3", text="y")])
+    assert len(messages_api.message_requests()) == 3 and not e.value.results[0].ok
