@@ -198,10 +198,10 @@ class ImapMailSource:
                         self._catch_up(client, folder, on_new)
             except MailAuthError:
                 raise
-            except (MailError, *NETWORK_ERRORS) as e:
+            except (MailError, ingest.StaleCursor, *NETWORK_ERRORS) as e:
                 wait = random.uniform(0.5, 1.0) * delay   # jitter: no thundering herd
-                log.warning("IMAP connection lost; reconnecting", error=f"{type(e).__name__}: {e}",
-                            retry_in_s=round(wait, 2))
+                log.warning("folder watch interrupted; reconnecting",
+                            error=f"{type(e).__name__}: {e}", retry_in_s=round(wait, 2))
                 delay = min(delay * 2, self.backoff_max_s)
                 stop.wait(wait)
             finally:
