@@ -15,7 +15,7 @@ EXIT_MAIL = 5
 def ingest(
     ctx: typer.Context,
     account: Annotated[Optional[list[str]], typer.Option(
-        "--account", "-a",
+        "--account", "-a", metavar="NAME",
         help="Only this account (repeatable; default: every configured account).")] = None,
     as_json: JsonOpt = False,
 ) -> None:

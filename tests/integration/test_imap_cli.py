@@ -92,3 +92,27 @@ def test_local_dovecot_command_line(tmp_path):
     except (ProcessLookupError, FileNotFoundError):
         alive = False
     assert not alive
+
+
+def test_several_accounts_in_one_pass(dovecot, tmp_path, state_dir):
+    c = imapclient.IMAPClient(dovecot.host, port=dovecot.port, ssl=False)
+    c.login(dovecot.user, dovecot.password)
+    c.create_folder("Support")
+    c.append("INBOX", b"Subject: to sales\r\n\r\nhi\r\n")
+    for i in range(2):
+        c.append("Support", f"Subject: help {i}\r\n\r\nhelp\r\n".encode())
+    c.logout()
+    acct = (f'host = "{dovecot.host}"\nport = {dovecot.port}\nsecurity = "none"\n'
+            f'user = "{dovecot.user}"\npassword_env = "UNDERSTUDY_TEST_IMAP_PASSWORD"\n')
+    cfg = tmp_path / "u.toml"
+    cfg.write_text(f'state_dir = "{state_dir}"\n[[accounts]]\nname = "sales"\n{acct}'
+                   f'[[accounts]]\nname = "support"\nfolders = ["Support"]\n{acct}')
+    assert CliRunner().invoke(app, ["-c", str(cfg), "db", "upgrade"]).exit_code == 0
+    r = CliRunner().invoke(app, ["-c", str(cfg), "ingest", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {a["account"]: a["stored"] for a in out["accounts"]} == {"sales": 1, "support": 2}
+    r = CliRunner().invoke(app, ["-c", str(cfg), "ingest", "-a", "support"])
+    assert r.exit_code == 0 and "ingested 0 new message(s) from 1 account(s)" in r.stdout
+    r = CliRunner().invoke(app, ["-c", str(cfg), "ingest", "-a", "nobody"])
+    assert r.exit_code == 2 and "unknown account" in r.output
