@@ -209,3 +209,15 @@ def _row(mailbox: int, uidvalidity: int, m: FetchedMessage) -> dict[str, Any]:
         "parse_error": _clean(e.parse_error), "state": "pending", "attempts": 0,
         "created_at": now,
     }
+
+
+def mailbox_status(db: Database) -> list[dict[str, Any]]:
+    """Per watched folder: cursor, UIDVALIDITY, last sync and stored count (for status)."""
+    with db.session() as s:
+        counts = dict(s.execute(select(Message.mailbox_id, func.count())
+                                .group_by(Message.mailbox_id)).all())
+        rows = s.execute(select(Mailbox, Account.name).join(Account)
+                         .order_by(Account.name, Mailbox.name)).all()
+    return [{"account": acc, "folder": mb.name, "uidvalidity": mb.uidvalidity,
+             "last_uid": mb.last_uid, "last_sync_at": mb.last_sync_at,
+             "messages": counts.get(mb.id, 0)} for mb, acc in rows]

@@ -74,7 +74,15 @@ def status_snapshot(db: Database, settings: Any) -> dict[str, Any]:
         "review": _review_keys(db),
         # --- added by the teacher capability (issue 4) ---
         "teacher_calls": _teacher_keys(db, now),
+        # --- added by the mail capability (issue 3) ---
+        "mailboxes": _mail_keys(db),
     }
+
+
+def _mail_keys(db: Database) -> list[dict[str, Any]]:
+    from storage.ingest import mailbox_status
+
+    return mailbox_status(db)
 
 
 def _teacher_keys(db: Database, now: datetime) -> dict[str, Any]:

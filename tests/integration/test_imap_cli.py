@@ -46,6 +46,9 @@ def test_ingest_command_json_and_status(dovecot, tmp_path, state_dir):
     assert st["messages"]["total"] == 2
     assert st["parse_errors"]["count"] == 1
     assert st["parse_errors"]["recent"][0]["subject"] == "broken"
+    (mb,) = st["mailboxes"]
+    assert (mb["account"], mb["folder"], mb["last_uid"], mb["messages"]) == ("test", "INBOX", 2, 2)
+    assert mb["last_sync_at"] is not None
 
 
 def test_ingest_reports_a_missing_folder_and_exits_5(dovecot, tmp_path, state_dir):
