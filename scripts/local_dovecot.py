@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,8 @@ class LocalDovecot:
             (d / sub).mkdir(parents=True, exist_ok=True)
         stamp = int(time.time())
         for i, raw in enumerate(messages):
-            name = f"{stamp}.M{i}P{os.getpid()}.understudy"
+            # Unique across calls and processes: a clash would overwrite an undelivered file.
+            name = f"{stamp}.M{i}R{uuid.uuid4().hex[:12]}P{os.getpid()}.understudy"
             tmp = d / "tmp" / name
             tmp.write_bytes(raw)
             tmp.rename(d / "new" / name)
