@@ -87,24 +87,33 @@ class ActiveStudent:
             clf = work.active_model(self.db, "classifier")
             drf = work.active_model(self.db, "drafter")
             want = (clf[0] if clf else None, drf[0] if drf else None)
-            if want == self.versions or any(v in self._failed for v in want if v):
+            if want == self.versions:
                 return False
             student = Student(self.current.classifier, self.current.drafter)
-            try:
-                if want[0] != self.versions[0]:
+            got = list(self.versions)
+            if want[0] != self.versions[0] and want[0] not in self._failed:
+                try:
                     student.classifier = self.load_classifier(clf[1]) if clf else None
-                if self.load_drafter is not None and (
-                        want[1] != self.versions[1] or student.drafter is None):
+                    got[0] = want[0]
+                except Exception as e:  # noqa: BLE001 - keep serving with the old student
+                    self._failed.add(want[0])
+                    log.error("could not load the promoted classifier; keeping the old one",
+                              version=want[0], error=f"{type(e).__name__}: {e}")
+            drafter_key = f"drafter:{want[1]}"
+            if self.load_drafter is not None and drafter_key not in self._failed and (
+                    want[1] != self.versions[1] or student.drafter is None):
+                try:
                     student.drafter = self.load_drafter(*(drf or (None, None)))
-            except Exception as e:  # noqa: BLE001 - keep serving with the old student
-                bad = want[0] if want[0] != self.versions[0] else want[1]
-                self._failed.add(bad)
-                log.error("could not load the promoted student; keeping the old one",
-                          version=bad, error=f"{type(e).__name__}: {e}")
+                    got[1] = want[1]
+                except Exception as e:  # noqa: BLE001 - no drafter: reply-needing mail escalates
+                    self._failed.add(drafter_key)
+                    log.error("could not load the drafter; mail that needs a reply escalates",
+                              version=want[1], error=f"{type(e).__name__}: {e}")
+            if tuple(got) == self.versions and student.drafter is self.current.drafter:
                 return False
-            log.info("student loaded", classifier=want[0], drafter=want[1],
+            log.info("student loaded", classifier=got[0], drafter=got[1],
                      previous=self.versions[0])
-            self.current, self.versions = student, want
+            self.current, self.versions = student, (got[0], got[1])
             return True
 
 
@@ -114,8 +123,11 @@ def build_student(settings: Settings, db: Database, poll_s: float = 2.0) -> Acti
     def load_classifier(path: str):
         from distill.classifier import Classifier
 
+        # One core less than the machine has: the watchers, IMAP actions and SQL need
+        # one, and an oversubscribed torch pool (threads spinning against each other)
+        # measured 3-10x slower per batch than a single thread on a busy 2-core box.
         return Classifier.load(path, device=st.device, batch_size=st.batch_size,
-                               max_input_tokens=st.max_input_tokens)
+                               num_threads=max(1, (os.cpu_count() or 2) - 1))
 
     load_drafter = None
     if drafting_enabled(settings):
@@ -189,3 +201,45 @@ def build_retrain(settings: Settings, db: Database) -> Callable[[str], Any]:
 
         return retrain_from_settings(settings, db, trigger=trigger)
     return retrain
+
+
+def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = None,
+                 metrics_port: int | None = None, scheduler: bool = True,
+                 lease_ttl_s: float = 30.0, heartbeat_s: float = 3.0):
+    """The whole daemon: watchers for every account folder, worker, scheduler, metrics."""
+    from agent import audit
+    from agent.daemon import Daemon, Watched
+    from agent.mail import build_mail_sources
+    from agent.metrics import Metrics
+    from agent.scheduler import Leader, RetrainScheduler
+
+    wid = worker_id or worker_identity(settings)
+    student = build_student(settings, db)
+    worker = build_worker(settings, db, worker_id=wid, student=student)
+    folders = [Watched(src.account, folder, src.watch)
+               for src in build_mail_sources(settings, db) for folder in src.folders]
+    sched = None
+    if scheduler and settings.scheduler.enabled:
+        sc = settings.scheduler
+        sched = RetrainScheduler(db, cron=sc.retrain_cron, min_new_examples=sc.min_new_examples,
+                                 retrain=build_retrain(settings, db), leader=Leader(db),
+                                 on_result=lambda _r: student.refresh())
+    r = settings.router
+
+    def epsilon() -> float:
+        clf = student.current.classifier
+        return audit.promised_epsilon(getattr(clf, "thresholds", None), r.target_risk)
+
+    metrics = Metrics(db, epsilon=r.target_risk, student_version=lambda: student.version)
+    port = metrics_port if metrics_port is not None else settings.daemon.metrics_port
+    if port is not None:
+        metrics.serve("127.0.0.1", port)
+    sqlite_lock = None
+    if db.dialect == "sqlite":
+        sqlite_lock = Path(db.engine.url.database or "understudy.db").with_suffix(".daemon.lock")
+    return Daemon(db, worker_id=wid, worker=worker, folders=folders, scheduler=sched,
+                  metrics=metrics, on_pass=metrics.observe_pass, lease_ttl_s=lease_ttl_s,
+                  heartbeat_s=heartbeat_s,
+                  audit_check=lambda: audit.check(db, student_version=student.version,
+                                                  epsilon=epsilon()),
+                  sqlite_lock=sqlite_lock)

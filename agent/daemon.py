@@ -165,6 +165,11 @@ class Daemon:
                 continue
             if self.on_pass is not None:
                 self.on_pass(result, time.monotonic() - t0)
+            if result.claimed:
+                self.log.info("triage pass", claimed=result.claimed, routes=result.routes,
+                              waiting=result.waiting, acted=result.acted,
+                              action_errors=result.action_errors,
+                              seconds=round(time.monotonic() - t0, 3))
             if self.audit_check is not None and time.monotonic() - last_audit > self.audit_every_s:
                 last_audit = time.monotonic()
                 try:

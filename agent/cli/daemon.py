@@ -17,6 +17,10 @@ def run(
     metrics_port: Annotated[Optional[int], typer.Option(
         help="Serve /healthz and /metrics on 127.0.0.1:PORT (default: daemon.metrics_port; "
              "off when unset).")] = None,
+    lease_ttl_s: Annotated[float, typer.Option(
+        "--lease-ttl-s", help="Seconds a folder lease and a worker heartbeat stay valid "
+        "without renewal; a dead daemon's folders and claims move on after this (default "
+        "30).")] = 30.0,
     no_scheduler: Annotated[bool, typer.Option(
         "--no-scheduler", help="Do not run scheduled retraining in this process "
         "(default: run it when scheduler.enabled).")] = False,
@@ -34,7 +38,8 @@ def run(
     db = actx.database()
     try:
         daemon = build_daemon(actx.settings, db, worker_id=worker_id,
-                              metrics_port=metrics_port, scheduler=not no_scheduler)
+                              metrics_port=metrics_port, scheduler=not no_scheduler,
+                              lease_ttl_s=lease_ttl_s, heartbeat_s=max(0.5, lease_ttl_s / 10))
         code = daemon.run()
     except DaemonError as e:
         fail(str(e))
