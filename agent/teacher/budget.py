@@ -12,6 +12,7 @@ too. A cap of 0 disables it. When the cap is reached the guard raises
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -45,6 +46,7 @@ class SpendGuard:
         self._local_day = self._today()
         self._local_total = 0.0         # used when there is no database to ask
         self._warned_day: str | None = None
+        self._lock = threading.Lock()         # concurrent teacher calls add spend
 
     @staticmethod
     def _today() -> str:
@@ -62,8 +64,9 @@ class SpendGuard:
 
     def add(self, usd: float) -> None:
         """Count a call this process made (its row may not be committed yet)."""
-        self._unrecorded += usd
-        self._local_total += usd
+        with self._lock:
+            self._unrecorded += usd
+            self._local_total += usd
 
     def recorded(self) -> None:
         """The rows of the calls counted so far are in the database now.

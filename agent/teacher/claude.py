@@ -19,7 +19,9 @@ leaves the mail waiting) instead of a long block inside the SDK.
 from __future__ import annotations
 
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -52,6 +54,10 @@ class _Rejected(Exception):
         self.retries = retries
 
 
+class _Skipped(Exception):
+    """Not sent: the teacher became unavailable while this email waited for a slot."""
+
+
 class ClaudeTeacher:
     """Teacher protocol on Claude. See the module docstring for retries and caching."""
 
@@ -63,8 +69,9 @@ class ClaudeTeacher:
                  self_consistency_k: int = 1, guard: SpendGuard | None = None,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
                  max_retry_after_s: float = 120.0, max_email_chars: int = MAX_EMAIL_CHARS,
-                 sleep: Callable[[float], None] = time.sleep):
+                 concurrency: int = 4, sleep: Callable[[float], None] = time.sleep):
         self.model = model
+        self.concurrency = concurrency
         self.taxonomy = taxonomy
         self.prices = prices
         self.max_retries = max_retries
@@ -83,12 +90,45 @@ class ClaudeTeacher:
 
     # -- the protocol ----------------------------------------------------------------
     def label(self, emails: Sequence[Email]) -> list[TeacherResult]:
-        """One result per email, in order. Raises only :class:`TeacherUnavailable`."""
+        """One result per email, in order. Raises only :class:`TeacherUnavailable`.
+
+        Up to ``concurrency`` calls run at once (the API's latency is seconds per email).
+        When the teacher becomes unavailable, emails not yet started are not sent; the
+        exception carries every result obtained, in email order.
+        """
         self.guard.recorded()
-        results: list[TeacherResult] = []
-        for email in emails:
-            results.append(self._label_one(email, results))
-        return results
+        if self.concurrency <= 1 or len(emails) <= 1:
+            results: list[TeacherResult] = []
+            for email in emails:
+                results.append(self._label_one(email, results))
+            return results
+        stop = threading.Event()
+
+        def one(email: Email) -> TeacherResult:
+            if stop.is_set():
+                raise _Skipped()
+            try:
+                return self._label_one(email, [])
+            except TeacherUnavailable:
+                stop.set()
+                raise
+
+        with ThreadPoolExecutor(min(self.concurrency, len(emails)),
+                                thread_name_prefix="teacher") as pool:
+            futures = [pool.submit(one, e) for e in emails]
+        got: list[TeacherResult] = []
+        first: TeacherUnavailable | None = None
+        for f in futures:
+            try:
+                got.append(f.result())
+            except _Skipped:
+                continue
+            except TeacherUnavailable as e:
+                got.extend(e.results)          # this email's failure result
+                first = first or e
+        if first is not None:
+            raise type(first)(str(first), got, retry_after_s=first.retry_after_s)
+        return got
 
     def params(self, email: Email) -> dict[str, Any]:
         """The ``messages.create`` arguments for one email (also the batch request params)."""

@@ -21,7 +21,7 @@ def test_rows_spend_and_cap_on_each_database(db, messages_api):
                   for i, t in enumerate(["refund my invoice", "app crash", "login locked"]))
     settings = load_settings(None, teacher={"base_url": messages_api.base_url,
                                             "model": "claude-sonnet-5-5"})
-    teacher = build_teacher(settings, db, backoff_base_s=0.01)
+    teacher = build_teacher(settings, db, backoff_base_s=0.01, concurrency=1)
     messages_api.enqueue(("status", 429, {"retry-after": "0"}), "valid", "unknown_category")
     results = teacher.label(unlabelled_emails(db, 2))
     with db.session() as s:

@@ -27,8 +27,10 @@ def settings_for(api, **teacher):
                                         "max_retries": 3, **teacher})
 
 
-def teacher_for(api, db=None, **teacher):
-    return build_teacher(settings_for(api, **teacher), db, backoff_base_s=0.01)
+def teacher_for(api, db=None, concurrency=1, **teacher):
+    # one call at a time unless a test says otherwise: scripted answers are consumed in order
+    return build_teacher(settings_for(api, **teacher), db, backoff_base_s=0.01,
+                         concurrency=concurrency)
 
 
 def seed(db, *bodies: str) -> list[int]:
@@ -263,3 +265,26 @@ def test_a_rejected_request_fails_that_email_only_and_a_refused_key_is_unavailab
     with pytest.raises(TeacherUnavailable, match="API key was refused") as e:
         teacher.label([Email(id="3", text="y")])
     assert len(messages_api.message_requests()) == 3 and not e.value.results[0].ok
+
+
+def test_concurrent_calls_keep_email_order_and_overlap(messages_api):
+    messages_api.enqueue(*[("slow", 0.3)] * 8)
+    teacher = teacher_for(messages_api, concurrency=4)
+    emails = [Email(id=str(i), text=t) for i, t in enumerate(["refund", "crash"] * 4)]
+    t0 = time.monotonic()
+    results = teacher.label(emails)
+    assert time.monotonic() - t0 < 1.8                   # 8 x 0.3 s in sequence = 2.4 s
+    assert [r.email_id for r in results] == [str(i) for i in range(8)]
+    assert [r.category for r in results] == ["billing", "technical"] * 4
+
+
+def test_concurrent_outage_stops_sending_and_reports_what_it_tried(messages_api):
+    messages_api.start_outage(529, retry_after=0)
+    teacher = teacher_for(messages_api, concurrency=3, max_retries=1)
+    with pytest.raises(TeacherUnavailable) as e:
+        teacher.label([Email(id=str(i), text="x") for i in range(9)])
+    tried = e.value.results
+    assert 1 <= len(tried) < 9 and all(not r.ok and r.retries == 1 for r in tried)
+    ids = [int(r.email_id) for r in tried]
+    assert ids == sorted(set(ids))
+    assert len(messages_api.message_requests()) == 2 * len(tried)
