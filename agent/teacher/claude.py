@@ -229,6 +229,9 @@ class ClaudeTeacher:
                 if e.status_code in (401, 403):
                     raise _GaveUp(f"HTTP {e.status_code}: the API key was refused; check "
                                   "teacher.api_key_env", attempt, None) from e
+                if e.status_code == 404:      # every email would fail the same way
+                    raise _GaveUp(f"HTTP 404: {_err_message(e)}; check teacher.model "
+                                  f"({self.model}) and teacher.base_url", attempt, None) from e
                 if e.status_code not in RETRYABLE_STATUS and e.status_code < 500:
                     # This request is wrong (too large, refused schema): retrying cannot
                     # help, and the teacher is not down. A failure for this email only.

@@ -267,6 +267,9 @@ def test_a_rejected_request_fails_that_email_only_and_a_refused_key_is_unavailab
     with pytest.raises(TeacherUnavailable, match="API key was refused") as e:
         teacher.label([Email(id="3", text="y")])
     assert len(messages_api.message_requests()) == 3 and not e.value.results[0].ok
+    messages_api.enqueue(("status", 404, {}))          # e.g. a retired model
+    with pytest.raises(TeacherUnavailable, match="check teacher.model"):
+        teacher.label([Email(id="4", text="z")])
 
 
 def test_concurrent_calls_keep_email_order_and_overlap(messages_api):
