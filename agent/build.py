@@ -242,4 +242,15 @@ def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = No
                   heartbeat_s=heartbeat_s,
                   audit_check=lambda: audit.check(db, student_version=student.version,
                                                   epsilon=epsilon()),
-                  sqlite_lock=sqlite_lock)
+                  warmup=lambda: warm_up(student()), sqlite_lock=sqlite_lock)
+
+
+def warm_up(student: Student) -> None:
+    """Run the student once so its first real batch does not pay for lazy initialisation."""
+    from storage.types import Email
+
+    probe = [Email(id="warmup", subject="warm up", text="warm up", new_text="warm up")]
+    if student.classifier is not None:
+        student.classifier.classify(probe)
+    if student.drafter is not None:
+        student.drafter.draft(probe)

@@ -58,6 +58,7 @@ class Daemon:
                  lease_ttl_s: float = 30.0, heartbeat_s: float = 3.0,
                  idle_wait_s: float = 1.0, audit_every_s: float = 60.0,
                  audit_check: Callable[[], Any] | None = None,
+                 warmup: Callable[[], Any] | None = None,
                  sqlite_lock: Path | None = None):
         self.db = db
         self.worker_id = worker_id
@@ -72,6 +73,7 @@ class Daemon:
         self.audit_every_s = audit_every_s
         self.audit_check = audit_check
         self.sqlite_lock = sqlite_lock
+        self.warmup = warmup
         self.stop = threading.Event()
         self.wake = threading.Event()
         self._leases: dict[int, threading.Event] = {}     # mailbox id -> its watcher's stop
@@ -92,6 +94,12 @@ class Daemon:
         self.log.info("daemon started", folders=[f"{w.account}/{w.folder}" for w in self.folders],
                       recovered_claims=recovered)
         self._spawn("keeper", self._keeper)
+        if self.warmup is not None:
+            # Load the student (and run it once) before watching: the first emails then
+            # meet a warm model instead of a many-second load.
+            t0 = time.monotonic()
+            self.warmup()
+            self.log.info("student warmed up", seconds=round(time.monotonic() - t0, 2))
         for w in self.folders:
             self._spawn(f"watch:{w.account}/{w.folder}", self._watch_loop, w)
         if self.scheduler is not None:

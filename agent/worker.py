@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 from agent.audit import audit_output
 from agent.logs import get_logger
+from agent.mail.errors import MessageNotFound
 from agent.protocols import StudentClassifier, StudentDrafter, Teacher
 from agent.router import Route, Router, thresholds_of
 from agent.teacher.errors import TeacherUnavailable
@@ -95,6 +96,7 @@ class TriageWorker:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.held: set[int] = set()       # ids claimed and not yet finished (for release)
+        self._t0 = time.monotonic()
 
     def run_until_empty(self, max_passes: int = 10_000) -> PassResult:
         """Passes until nothing is due (``understudy triage``); results summed."""
@@ -108,7 +110,7 @@ class TriageWorker:
 
     def run_once(self) -> PassResult:
         result = PassResult()
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         ids = work.claim_batch(self.db, self.worker_id, self.batch_size)
         result.claimed = len(ids)
         if not ids:
@@ -117,13 +119,11 @@ class TriageWorker:
         try:
             states = work.states_of(self.db, ids)
             emails = work.load_emails(self.db, ids)
-            fresh = [e for e in emails if not states[e.db_id][1]]
-            decided = [e.db_id for e in emails if states[e.db_id][1]]
-            decided += self._triage(fresh, result)
-            by_id = {e.db_id: e for e in emails}
-            for mid in decided:
-                self._act(mid, by_id[mid], result)
-                result.latencies_s.append(time.monotonic() - t0)
+            # Decided before a crash: only the mailbox actions are left.
+            for e in emails:
+                if states[e.db_id][1]:
+                    self._act(e, None, result)
+            self._triage([e for e in emails if not states[e.db_id][1]], result)
         finally:
             # Whatever is still held (an exception mid-pass) goes back to the queue.
             work.release(self.db, self.held, self.worker_id)
@@ -135,10 +135,11 @@ class TriageWorker:
         self.held.clear()
 
     # ---- triage ----------------------------------------------------------------------
-    def _triage(self, emails: Sequence[Email], result: PassResult) -> list[int]:
-        """Decide each email; return the ids with a committed decision."""
+    def _triage(self, emails: Sequence[Email], result: PassResult) -> None:
+        """Decide each email, commit, act. Student-only emails are committed and acted on
+        first, so a slow teacher call never delays mail the student handles alone."""
         if not emails:
-            return []
+            return
         student = self.student()
         clf = student.classifier
         triages: list[Triage | None] = list(clf.classify(emails)) if clf else [None] * len(emails)
@@ -146,28 +147,39 @@ class TriageWorker:
         drafts = self._drafts(emails, triages, thresholds, student.drafter)
         routes = [self.router.route(e, t, drafts.get(e.db_id), thresholds)
                   for e, t in zip(emails, triages)]
-        to_teacher = [e for e, r in zip(emails, routes) if r.escalate or r.audit]
-        answers, unavailable = self._ask_teacher(to_teacher)
-        done = []
-        for e, t, r in zip(emails, triages, routes):
+        items = list(zip(emails, triages, routes))
+        alone = [x for x in items if not (x[2].escalate or x[2].audit)]
+        to_teacher = [x for x in items if x[2].escalate or x[2].audit]
+        for e, t, r in alone:
+            calls = self._student_calls(e, t, drafts.get(e.db_id), student, r)
+            self._decided(e, r, self._commit_student(
+                e, t, drafts.get(e.db_id), None, r, calls, student.version, result), result)
+        if not to_teacher:
+            return
+        answers, unavailable = self._ask_teacher([x[0] for x in to_teacher])
+        for e, t, r in to_teacher:
             calls = self._student_calls(e, t, drafts.get(e.db_id), student, r)
             answer = answers.get(e.id)
+            if answer is not None:
+                result.teacher_cost_usd += answer.cost_usd
             if r.escalate:
                 if answer is None or not answer.ok:
                     self._wait(e, answer, unavailable, calls)
                     result.waiting += 1
                     continue
-                ok = self._commit_teacher(e, t, answer, r, calls)
+                todo = self._commit_teacher(e, t, answer, r, calls)
             else:
-                ok = self._commit_student(e, t, drafts.get(e.db_id), answer, r, calls,
-                                          student.version, result)
-            if answer is not None:
-                result.teacher_cost_usd += answer.cost_usd
-            if ok:
-                done.append(e.db_id)
-                result.count(r.label if not (r.audit and (answer is None or not answer.ok))
-                             else "student")
-        return done
+                todo = self._commit_student(e, t, drafts.get(e.db_id), answer, r, calls,
+                                            student.version, result)
+                r = r if answer is not None and answer.ok else Route(False)  # audit skipped
+            self._decided(e, r, todo, result)
+
+    def _decided(self, e: Email, r: Route, todo: dict | None, result: PassResult) -> None:
+        if todo is None:   # someone else's decision stands (a recovered claim): not ours
+            self.held.discard(e.db_id)
+            return
+        result.count(r.label)
+        self._act(e, todo, result)
 
     def _drafts(self, emails, triages, thresholds, drafter) -> dict[int, Draft]:
         if drafter is None:
@@ -235,7 +247,7 @@ class TriageWorker:
             attempts = s.get(Message, message_id).attempts
         return work.backoff_s(attempts, self.backoff_base_s, self.backoff_cap_s)
 
-    def _commit_teacher(self, e, t, answer: TeacherResult, r: Route, calls) -> bool:
+    def _commit_teacher(self, e, t, answer: TeacherResult, r: Route, calls) -> dict | None:
         calls = [*calls, lambda s, mid: record_teacher_result(s, answer, message_id=mid)]
         needs_reply = answer.needs_reply if answer.needs_reply is not None else (
             t.needs_reply if t else False)
@@ -253,10 +265,10 @@ class TriageWorker:
                                   calls=calls, deciding_call=len(calls) - 1, draft=draft)
         log.info("decided", message=e.db_id, source="teacher", category=answer.category,
                  reasons=list(r.reasons), committed=ok)
-        return ok
+        return _todo(decision, draft) if ok else None
 
     def _commit_student(self, e, t: Triage, d: Draft | None, answer, r: Route, calls,
-                        version, result: PassResult) -> bool:
+                        version, result: PassResult) -> dict | None:
         audited = r.audit and answer is not None and answer.ok
         if r.audit and answer is not None:
             if answer.ok:
@@ -276,12 +288,14 @@ class TriageWorker:
         if d is not None and t.needs_reply:
             draft = dict(source="student", body=d.text, confidence=d.confidence,
                          status="to_append", draft_message_id=_draft_message_id(e))
-        return work.commit_decision(self.db, e.db_id, self.worker_id, decision=decision,
-                                    calls=calls, deciding_call=0, draft=draft)
+        ok = work.commit_decision(self.db, e.db_id, self.worker_id, decision=decision,
+                                  calls=calls, deciding_call=0, draft=draft)
+        return _todo(decision, draft) if ok else None
 
     # ---- mailbox actions ---------------------------------------------------------------
-    def _act(self, mid: int, email: Email, result: PassResult) -> None:
-        todo = work.pending_actions(self.db, mid)
+    def _act(self, email: Email, todo: dict | None, result: PassResult) -> None:
+        mid = email.db_id
+        todo = todo or work.pending_actions(self.db, mid)
         actions = self.actions_for(email.account) if email.account else None
         try:
             if actions is not None:
@@ -298,22 +312,46 @@ class TriageWorker:
             return
         if work.mark_acted(self.db, mid, self.worker_id):
             result.acted += 1
+        result.latencies_s.append(time.monotonic() - self._t0)
         self.held.discard(mid)
 
     def _do_actions(self, mid: int, email: Email, todo: dict, actions: Actions) -> None:
+        # Every action is idempotent, so only what a retry needs is recorded: where a
+        # draft went, and that a move happened (the message is not in its folder any more).
         done = set(todo["done"])
-        if "keywords" not in done:
+        folder = self.move_rules.get(email.account or "", {}).get(todo["category"])
+        moving = bool(folder) and folder != email.folder
+        if "move" in done:
+            return
+        try:
             actions.set_keywords(email, todo["category"], todo["priority"])
-            work.mark_action(self.db, mid, "keywords")
+        except MessageNotFound:
+            if not moving:
+                raise
+            # A crash after the move and before recording it: finish the move (it finds
+            # the message in the target), then put the keywords there.
+            res = actions.move(email, folder)
+            actions.set_keywords(replace(email, folder=folder, uid=getattr(res, "uid", None)),
+                                 todo["category"], todo["priority"])
+            work.mark_action(self.db, mid, "move")
+            return
         draft = todo["draft"]
         if draft and draft["status"] == "to_append" and "draft" not in done:
             res = actions.append_draft(email, draft["body"],
                                        draft_message_id=draft["draft_message_id"])
             work.mark_action(self.db, mid, "draft", draft_append=_as_dict(res))
-        folder = self.move_rules.get(email.account or "", {}).get(todo["category"])
-        if folder and folder != email.folder and "move" not in done:
+        if moving:
             actions.move(email, folder)
             work.mark_action(self.db, mid, "move")
+
+
+def _todo(decision: dict, draft: dict | None) -> dict:
+    """What agent.worker acts on, straight from a decision just committed (no re-read)."""
+    return {"category": decision["category"], "priority": decision["priority"],
+            "source": decision["source"], "done": [],
+            "draft": None if draft is None else {
+                "status": draft["status"], "body": draft["body"],
+                "draft_message_id": draft["draft_message_id"]}}
 
 
 def _audit_writer(answer: TeacherResult, out: dict):
