@@ -50,6 +50,45 @@ def _category(output: Any) -> str | None:
     return None
 
 
+MIN_LIVE_PAIRS = 20
+
+
+def _coverage_risk(version: str | None, metrics: dict, thresholds: dict,
+                   pairs: list) -> CoverageRisk | None:
+    """The active model's coverage-risk curve, from the best source there is.
+
+    1. Live pairs of the active version (its classify call + a teacher answer on the same
+       email), when there are enough; 2. the held-out evaluation stored with the version
+       by the retrain (coverage at a few risks, and the operating point at its threshold);
+       3. live pairs of any version.
+    """
+    mine = [(st.confidence or 0.0, _category(st.output) == ref) for st, ref in pairs
+            if st.model_version == version]
+    live_note = ("From logged pairs (student call + teacher answer on the same email); "
+                 "escalations make it pessimistic.")
+    if version and len(mine) >= MIN_LIVE_PAIRS:
+        cov, risk = coverage_risk_curve(mine)
+        return CoverageRisk(cov, risk, model_version=version, n=len(mine), source=live_note)
+    held = metrics.get("holdout") if isinstance(metrics, dict) else None
+    if version and isinstance(held, dict) and held.get("coverage_at_risk"):
+        pts = sorted((float(c), float(r)) for r, c in held["coverage_at_risk"].items())
+        op = None
+        if held.get("coverage") is not None and held.get("selective_risk") is not None:
+            op = (float(held["coverage"]), float(held["selective_risk"]))
+            pts = sorted(set(pts) | {op})
+        return CoverageRisk(tuple(c for c, _ in pts), tuple(r for _, r in pts),
+                            operating_point=op, model_version=version,
+                            n=int(held.get("n", 0)),
+                            source="Held-out evaluation stored with the model at its retrain "
+                                   "(coverage reachable at each risk; the dot is its threshold).")
+    anyv = [(st.confidence or 0.0, _category(st.output) == ref) for st, ref in pairs]
+    if anyv:
+        cov, risk = coverage_risk_curve(anyv)
+        return CoverageRisk(cov, risk, model_version=version or "all versions", n=len(anyv),
+                            source=live_note + " All student versions together.")
+    return None
+
+
 def collect_from_db(db: Database, *, epsilon: float | None = None,
                     title: str = "understudy report") -> ReportData:
     """Everything the report shows, from one database. Works on an empty one."""
@@ -125,20 +164,8 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
         if st is not None and ref and c.error is None:
             pairs.append((st, ref))
     version = active_info[0] if active_info else None
-    cr = None
-    stored = (active_info[1].get("coverage_risk") if active_info else None) or None
-    if isinstance(stored, dict) and stored.get("coverage"):
-        cr = CoverageRisk(coverage=tuple(stored["coverage"]), risk=tuple(stored["risk"]),
-                          model_version=version, n=int(stored.get("n", 0)),
-                          source="Held-out curve stored with the model version.")
-    else:
-        mine = [(st.confidence or 0.0, _category(st.output) == ref) for st, ref in pairs
-                if version is None or st.model_version == version]
-        if mine:
-            cov, risk = coverage_risk_curve(mine)
-            cr = CoverageRisk(coverage=cov, risk=risk, model_version=version, n=len(mine),
-                              source="From logged pairs (student call + teacher answer on the "
-                                     "same email); escalations make it pessimistic.")
+    cr = _coverage_risk(version, active_info[1] if active_info else {},
+                        active_info[2] if active_info else {}, pairs)
     cm = confusion_from_pairs([(ref, _category(st.output)) for st, ref in pairs],
                               source="Student's category vs the teacher's on the same email "
                                      "(escalations and audits).")

@@ -120,7 +120,9 @@ def coverage_risk(cr: CoverageRisk | None, epsilon: float | None) -> bytes | Non
     if cr is None or not cr.coverage:
         return None
     fig, ax = plt.subplots(figsize=SIZE)
-    ax.plot(cr.coverage, cr.risk, color=STUDENT, lw=2, label="student")
+    # A few stored points (held-out coverage at fixed risks) get markers; a dense curve not.
+    ax.plot(cr.coverage, cr.risk, color=STUDENT, lw=2, label="student",
+            marker="o" if len(cr.coverage) < 15 else None, ms=4)
     if cr.operating_point is not None:
         c, r = cr.operating_point
         ax.plot([c], [r], "o", color="#D55E00", ms=7, label=f"threshold: {c:.0%} at {r:.1%}")
