@@ -4,8 +4,9 @@ For each folder: SELECT, compare UIDVALIDITY with the stored one (a change resta
 cursor and dedupes the rescan, see :mod:`storage.ingest`), then fetch the UIDs above the
 cursor in batches of ``fetch_batch`` with ``BODY.PEEK[]`` (which never sets \\Seen),
 INTERNALDATE and FLAGS, parse them, and commit each batch together with the advanced
-cursor. With ``parse_workers`` > 1, big backfills parse in a process pool while the next
-batch is fetched and the previous one committed.
+cursor. Fetching, parsing and committing overlap (the next batch is fetched and the
+previous one committed while one is parsed); with ``parse_workers`` > 1 big backfills
+also parse in a process pool.
 
     >>> src = ImapMailSource(db, account="support", connector=Connector(...),
     ...                      folders=["INBOX"])                      # doctest: +SKIP
@@ -23,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -123,30 +124,64 @@ class ImapMailSource:
         if not uids:
             ingest.touch(self.db, cur.mailbox_id)
             return FolderSync(folder, uidvalidity, 0, 0, cur.last_uid, reset)
-        stored = remapped = 0
         batches = [uids[i:i + self.fetch_batch] for i in range(0, len(uids), self.fetch_batch)]
-        pool = self._pool() if len(uids) >= self.pool_threshold else None
-        pending: tuple[list, Future | list[Email]] | None = None
-        try:
-            for chunk in batches:
-                fetched = _fetch(client, chunk)
-                raws = [raw for _uid, raw, _d, _f in fetched]
-                parsed: Future | list[Email] = (
-                    pool.submit(_parse_many, raws) if pool else _parse_many(raws))
-                # Commit the previous batch while this one is parsed in the pool.
-                if pending is not None:
-                    s, r = self._commit(cur.mailbox_id, uidvalidity, *pending, dedupe)
-                    stored, remapped = stored + s, remapped + r
-                pending = (fetched, parsed, chunk[-1])
-            if pending is not None:
-                s, r = self._commit(cur.mailbox_id, uidvalidity, *pending, dedupe)
-                stored, remapped = stored + s, remapped + r
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        stored, remapped = self._pipeline(client, cur.mailbox_id, uidvalidity, batches, dedupe)
         log.info("folder synced", stored=stored, remapped=remapped, last_uid=uids[-1],
                  uidvalidity=uidvalidity)
         return FolderSync(folder, uidvalidity, stored, remapped, uids[-1], reset)
+
+    def _pipeline(self, client: IMAPClient, mailbox: int, uidvalidity: int,
+                  batches: list[list[int]], dedupe: bool) -> tuple[int, int]:
+        """Fetch batch n+1 and commit batch n-1 while batch n is parsed.
+
+        Fetching waits on the server and committing on SQL I/O, both outside the GIL, so
+        three stages overlap on a busy machine. Commits stay in order on one thread, and
+        after a failed commit no later batch is committed: the cursor never skips a batch.
+        """
+        if len(batches) == 1:
+            # The usual IDLE catch-up: a few messages, no threads worth starting.
+            fetched = _fetch(client, batches[0])
+            return self._commit(mailbox, uidvalidity, fetched,
+                                _parse_many([f[1] for f in fetched]), batches[0][-1], dedupe)
+        pool = self._pool() if sum(map(len, batches)) >= self.pool_threshold else None
+        fetcher = ThreadPoolExecutor(1, thread_name_prefix="imap-fetch")
+        committer = ThreadPoolExecutor(1, thread_name_prefix="ingest-commit")
+        failed: list[BaseException] = []
+
+        def commit(fetched: list, parsed: Future | list[Email], last_uid: int) -> tuple[int, int]:
+            if failed:
+                raise RuntimeError("an earlier batch failed to commit") from failed[0]
+            try:
+                return self._commit(mailbox, uidvalidity, fetched, parsed, last_uid, dedupe)
+            except BaseException as e:
+                failed.append(e)
+                raise
+
+        stored = remapped = 0
+        pending: list[Future] = []
+        try:
+            next_fetch = fetcher.submit(_fetch, client, batches[0])
+            for i, chunk in enumerate(batches):
+                fetched = next_fetch.result()
+                if i + 1 < len(batches):
+                    next_fetch = fetcher.submit(_fetch, client, batches[i + 1])
+                raws = [raw for _uid, raw, _d, _f in fetched]
+                parsed: Future | list[Email] = (
+                    pool.submit(_parse_many, raws) if pool else _parse_many(raws))
+                pending.append(committer.submit(commit, fetched, parsed, chunk[-1]))
+                while len(pending) > 2 or (pending and pending[0].done()):
+                    s, r = pending.pop(0).result()      # raises a commit's error here
+                    stored, remapped = stored + s, remapped + r
+            for f in pending:
+                s, r = f.result()
+                stored, remapped = stored + s, remapped + r
+        finally:
+            failed.append(RuntimeError("ingest pass ended"))   # commit nothing queued after
+            fetcher.shutdown(wait=True, cancel_futures=True)
+            committer.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return stored, remapped
 
     def _commit(self, mailbox: int, uidvalidity: int, fetched: list,
                 parsed: Future | list[Email], last_uid: int, dedupe: bool) -> tuple[int, int]:

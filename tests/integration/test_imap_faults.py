@@ -210,3 +210,29 @@ def test_polls_when_the_server_has_no_idle(dovecot, sqlite_db):
         t.join(5)
     assert not t.is_alive()
     assert stored_subjects(sqlite_db) == ["p number 0", "p number 1"]
+
+
+def test_a_failed_commit_stops_the_pass_without_skipping_a_batch(dovecot, sqlite_db,
+                                                                  monkeypatch):
+    from storage import ingest
+
+    dovecot.deliver_files([mail(i) for i in range(50)])
+    real, calls = ingest.store_batch, []
+
+    def flaky(*a, **kw):
+        calls.append(kw["last_uid"])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ingest, "store_batch", flaky)
+    src = source_for(dovecot, sqlite_db, folders=["INBOX"], fetch_batch=10)
+    with pytest.raises(OSError, match="disk full"):
+        src.sync()
+    assert calls == [10, 20]                    # batches 3..5 were never committed
+    with sqlite_db.session() as s:
+        assert s.scalar(select(Mailbox.last_uid)) == 10
+    assert len(stored_subjects(sqlite_db)) == 10
+    monkeypatch.setattr(ingest, "store_batch", real)
+    assert src.sync() == 40
+    assert stored_subjects(sqlite_db) == sorted(f"m number {i}" for i in range(50))
