@@ -158,8 +158,9 @@ class ClaudeTeacher:
         answers: list[Answer] = []
         totals = base
         errors: list[str] = []
-        for _ in range(self.k):
-            self.guard.check(done)
+        for sample in range(self.k):
+            if sample == 0:       # never stop between samples: those already paid are kept
+                self.guard.check(done)
             t0 = time.perf_counter()
             try:
                 msg, retries = self._with_retries(lambda: self.client.messages.create(**params),
