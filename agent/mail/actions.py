@@ -40,7 +40,7 @@ from imapclient import DRAFT, IMAPClient
 from imapclient.imapclient import DRAFTS
 
 from agent.logs import get_logger
-from agent.mail.auth import Connector, _close
+from agent.mail.auth import Connector, close_quietly
 from agent.mail.errors import MessageNotFound
 from agent.mail.source import NETWORK_ERRORS
 from storage.types import Email
@@ -205,7 +205,7 @@ class MailboxActions:
     def close(self) -> None:
         with self._lock:
             if self._client is not None:
-                _close(self._client)
+                close_quietly(self._client)
                 self._client = None
 
     # -- internals -----------------------------------------------------------------------
@@ -221,7 +221,7 @@ class MailboxActions:
                     if not isinstance(e, (OSError, EOFError, imaplib.IMAP4.abort)) \
                             and not _is_connection_error(e):
                         raise   # a server NO/BAD: reconnecting would not help
-                    _close(self._client)
+                    close_quietly(self._client)
                     self._client = None
                     if attempt == 1:
                         raise

@@ -124,7 +124,7 @@ class Connector:
         try:
             self._login(client)
         except BaseException:
-            _close(client)
+            close_quietly(client)
             raise
         return client
 
@@ -151,7 +151,8 @@ class Connector:
                                 f"user and ${self.password_env}") from e
 
 
-def _close(client: IMAPClient) -> None:
+def close_quietly(client: IMAPClient) -> None:
+    """Log out, or just drop the socket when the connection is already dead."""
     try:
         client.logout()
     except Exception:  # noqa: BLE001 - the connection may be dead already

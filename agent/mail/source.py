@@ -32,7 +32,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from agent.logs import get_logger
-from agent.mail.auth import Connector, _close
+from agent.mail.auth import Connector, close_quietly
 from agent.mail.errors import FolderNotFound, MailAuthError, MailError
 from agent.mail.parse import content_hash, parse_email
 from storage import ingest
@@ -92,7 +92,7 @@ class ImapMailSource:
         try:
             self.last_results = [self.sync_folder(client, f) for f in self.folders]
         finally:
-            _close(client)
+            close_quietly(client)
         return sum(r.stored for r in self.last_results)
 
     # -- one folder ----------------------------------------------------------------------
@@ -241,7 +241,7 @@ class ImapMailSource:
                 stop.wait(wait)
             finally:
                 if client is not None:
-                    _close(client)
+                    close_quietly(client)
 
     def _catch_up(self, client: IMAPClient, folder: str,
                   on_new: Callable[[int], None] | None) -> int:
