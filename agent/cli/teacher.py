@@ -101,16 +101,25 @@ def dataset_import(
     from agent.teacher import RecordsFormatError, read_records
     from storage.records import import_records
 
-    db = app_context(ctx).database()
+    app = app_context(ctx)
+    db = app.database()
     try:
         records = [r.to_dict() for r in read_records(file)]
     except RecordsFormatError as e:
         fail(str(e), EXIT_CONFIG)
+    known = set(app.settings.taxonomy.categories)
+    outside = sorted({r["category"] for r in records} - known)
+    if outside:
+        # Imported anyway (the file may belong to another taxonomy), but the student
+        # trains on the configured one: say so.
+        typer.echo(f"warning: {len(outside)} categor(y/ies) not in the configured taxonomy: "
+                   f"{', '.join(outside[:10])}{' ...' if len(outside) > 10 else ''}", err=True)
     stats = import_records(db, records, source=file.name)
     emit(f"imported {stats.imported} record(s) from {file} ({stats.skipped_existing} already "
          f"present, {stats.gold} gold)",
          {"file": str(file), "imported": stats.imported,
-          "skipped_existing": stats.skipped_existing, "gold": stats.gold}, as_json)
+          "skipped_existing": stats.skipped_existing, "gold": stats.gold,
+          "categories_outside_taxonomy": outside}, as_json)
 
 
 @dataset_app.command("export")

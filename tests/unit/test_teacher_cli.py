@@ -57,7 +57,8 @@ def _db():
 def test_dataset_import_export_round_trip(cli, records_file, tmp_path):
     res = cli("dataset", "import", str(records_file), "--json")
     assert json.loads(res.stdout) == {"file": str(records_file), "imported": 3,
-                                      "skipped_existing": 0, "gold": 1}
+                                      "skipped_existing": 0, "gold": 1,
+                                      "categories_outside_taxonomy": []}
     again = json.loads(cli("dataset", "import", str(records_file), "--json").stdout)
     assert again["imported"] == 0 and again["skipped_existing"] == 3
     out = tmp_path / "export.jsonl"
@@ -217,3 +218,11 @@ def test_interrupted_batch_is_collected_next_run_not_paid_twice(cli, messages_ap
         rows = s.execute(select(ModelCall.message_id, ModelCall.batch_id)).all()
         assert sorted(m for m, _ in rows) == [1, 2]
         assert {b for _, b in rows} == set(first["pending_batches"])
+
+
+def test_import_warns_about_categories_outside_the_taxonomy(cli, tmp_path):
+    f = tmp_path / "b77.jsonl"
+    f.write_text(json.dumps({"id": "x", "body": "card?", "category": "card_arrival"}) + "\n")
+    res = cli("dataset", "import", str(f), "--json")
+    assert json.loads(res.stdout)["categories_outside_taxonomy"] == ["card_arrival"]
+    assert "not in the configured taxonomy: card_arrival" in res.stderr
