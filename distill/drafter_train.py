@@ -247,6 +247,14 @@ def train_drafter(pairs: Sequence[ReplyPair], out_dir: Path, *, base: str = DEFA
     # setup: the base in fp32 (LoRA weights train in fp32; bf16 only inside autocast)
     src = resolve_base(base, cache_dir)
     tok = AutoTokenizer.from_pretrained(src)
+
+    # data
+    rows = [r for r in (encode_pair(tok, p, max_len) for p in pairs) if r is not None]
+    if not rows:
+        raise ValueError("no usable (email, reply) pairs: every reply was empty or the "
+                         "prompts filled max_len; pass pairs with drafts or raise max_len")
+    val_rows = [r for r in (encode_pair(tok, p, max_len) for p in val_pairs) if r is not None]
+
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = (dev.type == "cuda" or cpu_has_fast_bf16()) if bf16 is None else bf16
@@ -257,12 +265,6 @@ def train_drafter(pairs: Sequence[ReplyPair], out_dir: Path, *, base: str = DEFA
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    # data
-    rows = [r for r in (encode_pair(tok, p, max_len) for p in pairs) if r is not None]
-    if not rows:
-        raise ValueError("no usable (email, reply) pairs: every reply was empty or the "
-                         "prompts filled max_len; pass pairs with drafts or raise max_len")
-    val_rows = [r for r in (encode_pair(tok, p, max_len) for p in val_pairs) if r is not None]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     to_dev = lambda b: tuple(t.to(dev) for t in b)  # noqa: E731
     eval_rows = rows[:eval_limit]
