@@ -61,4 +61,4 @@ def build_mailbox_actions(settings: "Settings", account_name: str) -> "MailboxAc
                         f"configured: {', '.join(sorted(by_name)) or 'none'}")
     a = by_name[account_name]
     return MailboxActions(build_connector(a), address=a.address or a.user,
-                          drafts_folder=a.drafts_folder)
+                          drafts_folder=a.drafts_folder, account=a.name)

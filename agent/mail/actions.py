@@ -89,14 +89,14 @@ class MailboxActions:
     """One account's mailbox side effects. Thread-safe; one connection, opened on use."""
 
     def __init__(self, connector: Connector, *, address: str, drafts_folder: str | None = None,
-                 keyword_prefix: str = "understudy"):
+                 keyword_prefix: str = "understudy", account: str | None = None):
         self.connector = connector
         self.address = address
         self.drafts_folder = drafts_folder
         self.prefix = keyword_prefix
         self._client: IMAPClient | None = None
         self._lock = threading.Lock()
-        self.log = get_logger(component="mail-actions", account=connector.user)
+        self.log = get_logger(component="mail-actions", account=account or connector.user)
 
     # -- public actions ------------------------------------------------------------------
 
