@@ -166,7 +166,7 @@ class PriceTable(_Section):
 
 class TeacherSettings(_Section):
     backend: Literal["anthropic", "openai", "recorded"] = "anthropic"
-    model: str = "claude-sonnet-4-5"
+    model: str = "claude-sonnet-5-5"
     base_url: str | None = Field(None, description="Override the API endpoint.")
     api_key_env: str = Field("ANTHROPIC_API_KEY", description="Env var holding the API key.")
     records: Path | None = Field(None, description="Teacher-records JSONL (backend 'recorded').")
