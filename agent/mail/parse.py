@@ -104,8 +104,8 @@ def _parse(raw: bytes, id: str) -> Email:
         html = part_text(html_part)
     if plain is not None:
         text = part_text(plain)
-    elif html is not None:
-        text = html_to_text(html)
+    if not text.strip() and html is not None:
+        text = html_to_text(html)   # HTML-only, or an empty text/plain alternative
     text = _tidy(text)[:MAX_TEXT_CHARS]
     if not text.strip():
         defects = sorted({d.__class__.__name__ for d in _all_defects(msg)})

@@ -168,3 +168,11 @@ def test_runs_of_empty_parameters_do_not_stall_the_parser():
     raw = b"Subject: x\r\nContent-Type: text/plain" + b" ;" * 500_000 + b"\r\n\r\nstill here"
     e = parse_email(raw)
     assert e.text == "still here"
+
+
+def test_empty_plain_alternative_falls_back_to_the_html():
+    raw = msg("Subject: alt", 'Content-Type: multipart/alternative; boundary="b"', body=(
+        "--b\r\nContent-Type: text/plain\r\n\r\n \r\n"
+        "--b\r\nContent-Type: text/html\r\n\r\n<p>The real words</p>\r\n--b--\r\n"))
+    e = parse_email(raw)
+    assert e.text == "The real words" and e.parse_error is None
