@@ -197,9 +197,9 @@ def build_worker(settings: Settings, db: Database, *, worker_id: str | None = No
 def build_retrain(settings: Settings, db: Database) -> Callable[[str], Any]:
     """trigger -> distill.pipeline.retrain(...) with flat arguments from settings."""
     def retrain(trigger: str):
-        from distill.pipeline import retrain_from_settings
+        from distill.pipeline import retrain as run, retrain_kwargs
 
-        return retrain_from_settings(settings, db, trigger=trigger)
+        return run(db, **retrain_kwargs(settings), data=None, trigger=trigger)
     return retrain
 
 

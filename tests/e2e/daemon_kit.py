@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -116,11 +115,13 @@ def train_tiny_student(out_root: Path | None = None, *, epochs: int = 4) -> Path
         return out
     by = bank()
     tr, va = [], []
+    # No priority labels: that head stays untrained and does not vote in the router (a
+    # 4-way head needs more than 150 examples to certify a threshold).
     for c, texts in by.items():
-        nr, pr = INTENTS[c]
-        tr += [TrainingExample(id=f"{c}-t{i}", subject="", body=t, category=c, priority=pr,
+        nr, _ = INTENTS[c]
+        tr += [TrainingExample(id=f"{c}-t{i}", subject="", body=t, category=c,
                                needs_reply=nr) for i, t in enumerate(texts[:N_TRAIN])]
-        va += [TrainingExample(id=f"{c}-v{i}", subject="", body=t, category=c, priority=pr,
+        va += [TrainingExample(id=f"{c}-v{i}", subject="", body=t, category=c,
                                needs_reply=nr)
                for i, t in enumerate(texts[N_TRAIN:N_TRAIN + N_VAL])]
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -140,22 +141,14 @@ def train_tiny_student(out_root: Path | None = None, *, epochs: int = 4) -> Path
 
 
 def activate(db, version_dir: Path, version: str | None = None) -> str:
-    """Register ``version_dir`` as the active classifier (what distill.registry.promote
-    does after a gate), copying it under the state dir so versions stay immutable."""
-    from sqlalchemy import update
-
-    from storage.models import ModelVersion
+    """Register ``version_dir`` as a classifier version and promote it (distill.registry)."""
+    from distill import registry
 
     meta = json.loads((version_dir / "meta.json").read_text())
     version = version or version_dir.name
-    with db.session() as s:
-        s.execute(update(ModelVersion).where(ModelVersion.kind == "classifier",
-                                             ModelVersion.status == "active")
-                  .values(status="retired"))
-        s.add(ModelVersion(version=version, kind="classifier", path=str(version_dir),
-                           status="active", thresholds=meta["thresholds"],
-                           metrics=meta.get("metrics", {}), base_model=meta.get("base_model", ""),
-                           promoted_at=datetime.now(timezone.utc)))
+    registry.register(db, version, version_dir, metrics=meta.get("metrics", {}),
+                      thresholds=meta["thresholds"], base_model=meta.get("base_model", ""))
+    registry.promote(db, version)
     return version
 
 

