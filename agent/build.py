@@ -240,9 +240,15 @@ def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = No
     return Daemon(db, worker_id=wid, worker=worker, folders=folders, scheduler=sched,
                   metrics=metrics, on_pass=metrics.observe_pass, lease_ttl_s=lease_ttl_s,
                   heartbeat_s=heartbeat_s,
-                  audit_check=lambda: audit.check(db, student_version=student.version,
-                                                  epsilon=epsilon()),
+                  audit_check=lambda: _audit_check(db, student, metrics, epsilon()),
                   warmup=lambda: warm_up(student()), sqlite_lock=sqlite_lock)
+
+
+def _audit_check(db: Database, student: ActiveStudent, metrics: Any, epsilon: float):
+    from agent import audit
+
+    metrics.epsilon = epsilon          # the promise of the model now active
+    return audit.check(db, student_version=student.version, epsilon=epsilon)
 
 
 def warm_up(student: Student) -> None:
