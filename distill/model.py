@@ -96,7 +96,10 @@ class StudentModel(nn.Module):
                      dropout: float = 0.1) -> "StudentModel":
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(resolve_encoder(encoder)), head_sizes, dropout)
+        # fp32 master weights whatever the checkpoint's dtype (transformers 5 would keep
+        # an fp16 checkpoint in fp16, and training without loss scaling then diverges).
+        enc = AutoModel.from_pretrained(resolve_encoder(encoder), dtype=torch.float32)
+        return cls(enc, head_sizes, dropout)
 
     @classmethod
     def from_config_dir(cls, path: str | Path, head_sizes: dict[str, int]) -> "StudentModel":

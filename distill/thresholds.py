@@ -65,7 +65,9 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n)
     for lam in qs:
         k = int(np.searchsorted(-sorted_conf, -lam, side="right"))  # count conf >= lam
-        if k == 0:
+        if k == 0 or clopper_pearson_upper(0, k, delta) > epsilon:
+            # Too few examples above lam to certify epsilon even with no errors: not a
+            # test at all (decided from counts alone, so the sequence stays valid).
             continue
         errs = int(cum_wrong[k - 1])
         ub = clopper_pearson_upper(errs, k, delta)

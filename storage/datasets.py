@@ -21,9 +21,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-
-from storage.models import Message, ModelCall, Review
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,12 @@ def _bool_or_none(v: Any) -> bool | None:
 def training_examples(db, *, since: datetime | None = None,
                       limit: int | None = None) -> list[TrainingExample]:
     """Every usable labelled email in the database, deduplicated, oldest label first."""
+    # Imported here so the training subprocess (and a GPU box) can read TrainingExample
+    # without the SQL stack.
+    from sqlalchemy import select
+
+    from storage.models import Message, ModelCall, Review
+
     by_message: dict[int, TrainingExample] = {}
     with db.session() as s:
         q = (select(ModelCall, Message)
