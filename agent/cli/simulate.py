@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -33,8 +32,9 @@ def simulate(
         help="Isolated state dir for the replay's database and models "
              "(default: <state_dir>/simulations/<timestamp>). Must be empty or absent.")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Also write the run's JSON here (input to `understudy report "
-             "--from-simulation`). Default: <work-dir>/run.json.")] = None,
+        help="Also write the run's JSON here, after every retrain (partial) and at the end "
+             "(input to `understudy report --from-simulation`). Default: <work-dir>/run.json."
+    )] = None,
     limit: Annotated[Optional[int], typer.Option(
         help="Replay only the first N stream emails (default: all).")] = None,
     as_json: JsonOpt = False,
@@ -59,12 +59,10 @@ def simulate(
         result = run_simulation_from_settings(
             settings, stream=stream, test=test, retrain_every=retrain_every, risk=risk,
             audit_fraction=audit_fraction, epochs=epochs, work_dir=work_dir, limit=limit,
-            progress=lambda line: print(line, file=sys.stderr, flush=True))
+            out=out, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (SimulationDataError, SimulationError) as e:
         fail(str(e))
-    path = out or Path(result["work_dir"]) / "run.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    path = result["run_json"]
     t, c, s, k = result["teacher"], result["cost"], result["student"], result["cascade"]
     emit(f"simulated {result['n_stream']} emails: teacher {t['calls']} calls "
          f"({_pct(t['share'])}), cost ${c['blended_usd']:.4f} vs ${c['teacher_only_usd']:.4f} "

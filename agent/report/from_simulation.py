@@ -84,6 +84,10 @@ def collect_from_simulation(run: dict, *, source: str = "simulate run",
              f"with {cost.get('mean_input_tokens', '?')} input and "
              f"{cost.get('mean_output_tokens', '?')} output tokens on average (the prompt the "
              "Claude backend would send); student calls cost ~0."]
+    if run.get("partial"):
+        notes.insert(0, f"PARTIAL RUN: written after retrain {len(run.get('curve') or [])}, "
+                        f"{run.get('n_stream')} emails replayed; the student figures are those "
+                        "of the model active at that point.")
     notes += list(run.get("notes") or [])
     return ReportData(
         title=title, source=source,

@@ -10,6 +10,7 @@ records (their categories), and the student and router settings of the user's co
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -55,8 +56,13 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
                                  retrain_every: int = 1000, risk: float | None = None,
                                  audit_fraction: float | None = None, epochs: int | None = None,
                                  work_dir: Path | None = None, limit: int | None = None,
+                                 out: Path | None = None,
                                  progress: Callable[[str], None] = lambda _l: None) -> dict:
-    """Build the daemon's components for an isolated work dir and run one replay."""
+    """Build the daemon's components for an isolated work dir and run one replay.
+
+    The result is also written to ``out`` (default ``<work dir>/run.json``): after every
+    retrain as a partial result (``"partial": true``), at the end complete.
+    """
     from agent.build import build_router, build_student, build_worker
     from agent.teacher import build_teacher
 
@@ -78,23 +84,33 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
     # from the very next email (the daemon polls every few seconds).
     student = build_student(s, db, poll_s=0.0)
     worker = build_worker(s, db, worker_id=WORKER, student=student, teacher=teacher)
+    r = s.router
+    meta = dict(stream=str(stream), test=str(test), risk=r.target_risk,
+                audit_fraction=r.audit_fraction, work_dir=str(work), database=s.db_url,
+                teacher_model=s.teacher.model, prices=s.teacher.price_table.model_dump(),
+                notes=["Drafting is off in a replay (classification only); the teacher's "
+                       "answers are priced as if it drafted a reply for each email."])
+    path = Path(out) if out else work / "run.json"
+
+    def finish(result: dict) -> dict:
+        result.update(meta)
+        result["targets"] = targets(result)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        tmp.replace(path)
+        result["run_json"] = str(path)
+        return result
+
     replay = Replay(db, worker=worker, student=student, teacher=teacher, cost=cost,
                     router=build_router(s), retrain=_retrainer(s, db),
-                    retrain_every=retrain_every, progress=progress)
+                    retrain_every=retrain_every, progress=progress, checkpoint=finish)
     progress(f"[simulate] {len(stream_recs)} stream emails, {len(test_recs)} test, "
              f"{len(categories)} categories, retrain every {retrain_every}; work dir {work}")
     try:
-        result = replay.run(stream_recs, test_recs)
+        return finish(replay.run(stream_recs, test_recs))
     finally:
         db.dispose()
-    r = s.router
-    result.update(stream=str(stream), test=str(test), risk=r.target_risk,
-                  audit_fraction=r.audit_fraction, work_dir=str(work), database=s.db_url,
-                  teacher_model=s.teacher.model, prices=s.teacher.price_table.model_dump(),
-                  notes=["Drafting is off in a replay (classification only); the teacher's "
-                         "answers are priced as if it drafted a reply for each email."])
-    result["targets"] = targets(result)
-    return result
 
 
 def _retrainer(s: Settings, db: Database) -> Callable[[str], object]:

@@ -122,13 +122,18 @@ class Replay:
     def __init__(self, db: Database, *, worker: Any, student: Callable[[], Any],
                  teacher: PricedTeacher, cost: CostModel, router: Router,
                  retrain: Callable[[str], Any], retrain_every: int,
-                 window: int | None = None, progress: Callable[[str], None] = lambda _l: None):
+                 window: int | None = None, progress: Callable[[str], None] = lambda _l: None,
+                 checkpoint: Callable[[dict], None] | None = None):
         self.db, self.worker, self.student, self.teacher = db, worker, student, teacher
         self.cost, self.router, self.retrain = cost, router, retrain
         self.retrain_every = retrain_every
         self.batch = max(1, min(worker.batch_size, retrain_every))
         self.window = window or max(10, retrain_every // 4)
         self.progress = progress
+        # Called with a partial result after every retrain, so a long replay that is
+        # stopped early still leaves its curve so far on disk.
+        self.checkpoint = checkpoint
+        self._test_n = 0
         self.tally = _Tally()
         self._window_start = _Tally()
         self.windows: list[dict] = []
@@ -140,7 +145,8 @@ class Replay:
 
     # ---- the stream --------------------------------------------------------------------
     def run(self, stream: Sequence[TeacherRecord], test: Sequence[TeacherRecord]) -> dict:
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
+        self._test_n = len(test)
         pos = 0
         while pos < len(stream):
             # A batch never straddles a retrain point or a window end.
@@ -226,6 +232,10 @@ class Replay:
             f"({out.gate_reason or out.error or ''}; {out.seconds:.0f}s, {out.n_examples} labels); "
             f"teacher so far {point['teacher_share']:.1%}, test coverage "
             f"{_pct(point['test_coverage'])} at risk {_pct(point['test_risk'], 2)}")
+        if self.checkpoint is not None:
+            partial = self._result([None] * self._test_n, ev, time.perf_counter() - self._t0)
+            partial["partial"] = True
+            self.checkpoint(partial)
 
     # ---- evaluation on the held-out test records ---------------------------------------
     def evaluate(self, test: Sequence[TeacherRecord], full: bool = True) -> dict:
