@@ -1,0 +1,99 @@
+"""Calibration, thresholds, losses, gate: the math under the student, on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distill.calibrate import ece, fit_temperature
+from distill.data import IGNORE
+from distill.gate import gate
+from distill.losses import class_weights, head_loss
+from distill.thresholds import NEVER, choose_threshold, clopper_pearson_upper, coverage_at_risk
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
+    g = torch.Generator().manual_seed(0)
+    n, k = 4000, 5
+    true_logits = torch.randn(n, k, generator=g) * 1.5
+    labels = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=g).squeeze(1)
+    overconfident = true_logits * 4.0          # same ranking, far too sharp
+    before = ece(torch.softmax(overconfident, -1), labels)
+    t = fit_temperature(overconfident, labels)
+    after = ece(torch.softmax(overconfident / t, -1), labels)
+    assert before > 0.1
+    assert after < before / 3
+    assert 2.5 < t < 6.0                       # recovers roughly the factor of 4
+
+
+def test_threshold_keeps_its_promise_over_many_draws():
+    # P(wrong | confidence c) = 0.2 (1 - c), c ~ U(0, 1): the true risk above a threshold
+    # lam is 0.1 (1 - lam), at most epsilon = 2% exactly when lam >= 0.8.
+    eps, delta, draws = 0.02, 0.05, 300
+    rng = np.random.default_rng(0)
+    violations, coverages = 0, []
+    for _ in range(draws):
+        c = rng.uniform(size=1500)
+        correct = rng.uniform(size=1500) >= 0.2 * (1 - c)
+        choice = choose_threshold(c, correct, epsilon=eps, delta=delta)
+        if choice.threshold < NEVER:
+            assert choice.bound <= eps
+            coverages.append(choice.coverage)
+            violations += 0.1 * (1 - choice.threshold) > eps
+    rate = violations / draws
+    assert rate <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
+    assert np.mean(coverages) > 0.1            # and it does hand some mail to the student
+
+
+def test_threshold_refuses_when_nothing_can_be_certified():
+    c = np.linspace(0.5, 1.0, 100)
+    choice = choose_threshold(c, np.zeros(100, dtype=bool), epsilon=0.02, delta=0.05)
+    assert choice.threshold == NEVER and choice.coverage == 0.0
+
+
+def test_clopper_pearson_upper_bound():
+    assert clopper_pearson_upper(0, 150, 0.05) < 0.02 < clopper_pearson_upper(0, 140, 0.05)
+    assert clopper_pearson_upper(5, 5, 0.05) == 1.0
+
+
+def test_coverage_at_risk_is_hindsight_optimal():
+    conf = np.array([0.99, 0.98, 0.97, 0.6, 0.5])
+    correct = np.array([True, True, True, False, True])
+    assert coverage_at_risk(conf, correct, 0.0) == 0.6
+    assert coverage_at_risk(conf, correct, 0.1) == 0.6
+    assert coverage_at_risk(conf, correct, 0.2) == 1.0       # 1 error in 5
+
+
+def test_distillation_loss_parts():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    hard = torch.tensor([0, 1])
+    w = torch.ones(2)
+    ce = torch.nn.functional.cross_entropy(logits, hard)
+    assert torch.isclose(head_loss(logits, hard, w), ce)
+    # A soft label equal to the student's own distribution at T: KL term is zero.
+    t = 2.0
+    soft = torch.softmax(logits, -1)          # p^(1/T) renormalised = softmax(logits / T)
+    only_kl = head_loss(logits, torch.full((2,), IGNORE), w, soft=soft,
+                        has_soft=torch.tensor([True, True]), alpha=1.0, temperature=t)
+    assert only_kl.abs() < 1e-5
+    # Unlabelled rows do not count; gold weight shifts the mean towards the gold row.
+    lo = head_loss(logits, torch.tensor([0, IGNORE]), w)
+    assert torch.isclose(lo, torch.nn.functional.cross_entropy(logits[:1], hard[:1]))
+    heavy = head_loss(logits, torch.tensor([1, 1]), torch.tensor([1.0, 3.0]))
+    plain = head_loss(logits, torch.tensor([1, 1]), w)
+    assert heavy < plain                      # row 2 (right, weighted 3x) dominates
+
+
+def test_class_weights_favour_rare_classes():
+    w = class_weights(torch.tensor([0] * 90 + [1] * 10), 2)
+    assert w[1] > w[0] * 2.9
+
+
+def test_gate():
+    a = {"accuracy": 0.90, "coverage": 0.80}
+    assert gate(a, None).promote
+    assert gate({"accuracy": 0.91, "coverage": 0.80}, a).promote
+    no = gate({"accuracy": 0.89, "coverage": 0.85}, a)
+    assert not no.promote and "agreement" in no.reason
+    assert gate({"accuracy": 0.89, "coverage": 0.85}, a, agreement_margin=0.02).promote
+    assert not gate({"accuracy": 0.95, "coverage": 0.70}, a, coverage_margin=0.05).promote

@@ -1,0 +1,164 @@
+"""retrain(): records file or SQL log -> subprocess training -> gate -> model_versions row."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from typer.testing import CliRunner
+
+from distill import registry
+from distill.classifier import Classifier
+from distill.pipeline import retrain
+from storage import Database
+from storage.datasets import training_examples
+from storage.models import Message, ModelCall, ModelVersion, Review, TrainingRun
+from tests.unit.test_student_fixtures import (  # noqa: F401 - fixture
+    FAST, synthetic_records, tiny_encoder_dir, write_jsonl)
+
+CATS = ["billing", "technical", "account", "other"]
+
+
+@pytest.fixture
+def db(state_dir):
+    d = Database(f"sqlite:///{state_dir / 'understudy.db'}")
+    d.upgrade()
+    yield d
+    d.dispose()
+
+
+def _kw(state_dir, enc, **over):
+    train_overrides = {k: v for k, v in FAST.items()
+                       if k not in ("epochs", "learning_rate", "batch_size")}
+    return {**dict(state_dir=state_dir, categories=CATS, priorities=["low", "normal", "high"],
+                   encoder=str(enc), epochs=FAST["epochs"], learning_rate=FAST["learning_rate"],
+                   batch_size=FAST["batch_size"], device="cpu", target_risk=0.1,
+                   train_overrides=train_overrides), **over}
+
+
+def test_retrain_from_records_creates_a_version_and_gates_the_next(db, state_dir, tmp_path,
+                                                                    tiny_encoder_dir):  # noqa: F811
+    data = write_jsonl(tmp_path / "t.jsonl", synthetic_records(300, 3))
+    r1 = retrain(db, **_kw(state_dir, tiny_encoder_dir), data=data, trigger="manual")
+    assert r1.status == "succeeded" and r1.promoted, r1
+    assert "first model" in r1.gate_reason
+    info = registry.active_version(db)
+    assert info.version == r1.version and info.status == "active"
+    assert set(info.thresholds["category"]) >= {"epsilon", "delta", "threshold", "coverage",
+                                                "bound"}
+    assert info.metrics["holdout"]["accuracy"] > 0.6
+    clf = Classifier.load(info.path, device="cpu")
+    assert clf.version == r1.version
+    with db.session() as s:
+        run = s.get(TrainingRun, r1.run_id)
+        assert (run.status, run.promoted, run.candidate_version) == ("succeeded", True,
+                                                                      r1.version)
+        assert run.config["n_train"] > 0 and run.finished_at is not None
+
+    # Second run: gated against the active model on the same held-out slice.
+    r2 = retrain(db, **_kw(state_dir, tiny_encoder_dir, agreement_margin=1.0,
+                           coverage_margin=1.0), data=data, trigger="schedule")
+    assert r2.status == "succeeded" and r2.promoted and r2.active_metrics is not None
+    with db.session() as s:
+        statuses = {v.version: v.status for v in s.query(ModelVersion)}
+    assert statuses == {r1.version: "retired", r2.version: "active"}
+
+
+def test_killed_training_leaves_active_model_and_is_recorded(db, state_dir, tmp_path,
+                                                             tiny_encoder_dir):  # noqa: F811
+    registry.register(db, "clf-previous", tmp_path / "prev", status="candidate")
+    registry.promote(db, "clf-previous")
+    data = write_jsonl(tmp_path / "t.jsonl", synthetic_records(300, 4))
+    killed = []
+
+    def killer():  # kill -9 the trainer as soon as its pid is recorded
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            with db.session() as s:
+                run = s.query(TrainingRun).filter_by(status="running").first()
+                if run is not None and run.pid:
+                    os.kill(run.pid, signal.SIGKILL)
+                    killed.append(run.pid)
+            time.sleep(0.05)
+
+    kw = _kw(state_dir, tiny_encoder_dir, epochs=500)
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        r = retrain(db, **kw, data=data)
+    finally:
+        killed.append(None) if not killed else None
+        t.join()
+    assert killed and r.status == "killed" and not r.promoted
+    assert "SIGKILL" in r.error
+    assert registry.active_version(db).version == "clf-previous"
+    with db.session() as s:
+        run = s.get(TrainingRun, r.run_id)
+        assert run.status == "killed" and run.pid == killed[0] and run.log_path
+        assert s.query(ModelVersion).count() == 1        # no candidate row was added
+
+
+def test_training_examples_from_sql_log(db):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with db.session() as s:
+        msgs = [Message(content_hash=f"h{i}", subject=f"subject {i}", body_text=f"body {i}",
+                        new_text=f"new {i}" if i != 2 else "") for i in range(4)]
+        msgs.append(Message(content_hash="dup", subject="subject 0", body_text="x",
+                            new_text="new 0"))              # same text as message 0
+        s.add_all(msgs)
+        s.flush()
+        calls = [
+            (msgs[0], "billing", {"billing": 0.7, "account": 0.3}, 1, None),
+            (msgs[1], "technical", None, 2, None),
+            (msgs[2], "account", {"account": 0.9, "other": 0.1}, 3, None),
+            (msgs[3], "other", None, 4, "timeout"),             # errored: not a label
+            (msgs[4], "account", None, 5, None),                 # duplicate text, newer
+            (msgs[1], "billing", None, 6, None),                 # newer answer, same message
+        ]
+        for m, cat, probs, minute, err in calls:
+            s.add(ModelCall(message_id=m.id, role="teacher", purpose="label", model_id="t",
+                            output={"category": cat, "priority": "high", "needs_reply": True},
+                            probs=probs, error=err, created_at=t0 + timedelta(minutes=minute)))
+        s.add(ModelCall(message_id=msgs[3].id, role="student", purpose="classify",
+                        model_id="s", output={"category": "spam"}, created_at=t0))
+        s.add(Review(message_id=msgs[2].id, action="edit", category="sales",
+                     needs_reply=False, created_at=t0 + timedelta(minutes=10)))
+        s.add(Review(message_id=msgs[3].id, action="approve", created_at=t0))  # no labels
+    ex = training_examples(db)
+    assert [e.category for e in ex] == ["account", "billing", "sales"]   # oldest first
+    dup, m1, gold = ex
+    assert dup.body == "new 0" and dup.category_probs is None           # newest of the pair
+    assert m1.category == "billing" and m1.source == "teacher"          # newest answer
+    assert gold.gold and gold.source == "human" and gold.category_probs is None
+    assert gold.needs_reply is False and gold.priority == "high"        # unset fields kept
+    assert gold.body == "body 2"                                        # new_text fallback
+
+
+def test_cli_retrain_and_eval(tmp_path, state_dir, monkeypatch, tiny_encoder_dir):  # noqa: F811
+    from agent.cli import app
+
+    monkeypatch.setenv("UNDERSTUDY_STUDENT__ENCODER", str(tiny_encoder_dir))
+    monkeypatch.setenv("UNDERSTUDY_STUDENT__EPOCHS", "12")
+    monkeypatch.setenv("UNDERSTUDY_STUDENT__LEARNING_RATE", "0.002")
+    monkeypatch.setenv("UNDERSTUDY_STUDENT__DEVICE", "cpu")
+    data = write_jsonl(tmp_path / "t.jsonl", synthetic_records(200, 5))
+    runner = CliRunner()
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    res = runner.invoke(app, ["retrain", "--data", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["status"] == "succeeded" and out["promoted"]
+    res = runner.invoke(app, ["eval", "--data", str(data), "--latency-sample", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ev["model_version"] == out["version"] and ev["n"] == 200
+    for k in ("accuracy", "macro_f1", "ece", "coverage", "selective_risk",
+              "coverage_at_risk", "latency_ms_p50", "latency_ms_p99"):
+        assert k in ev
+    res = runner.invoke(app, ["eval", "--data", str(data), "--latency-sample", "5"])
+    assert res.exit_code == 0 and "accuracy" in res.stdout and "p99" in res.stdout

@@ -1,0 +1,72 @@
+"""Training, saving, reloading and evaluating a student, end to end on a tiny encoder."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from distill.classifier import Classifier
+from distill.data import LabelSpace, read_records_file, write_examples
+from distill.evaluate import evaluate
+from distill.train import train
+from storage.types import Email
+from tests.unit.test_student_fixtures import (  # noqa: F401 - fixture
+    FAST, synthetic_records, tiny_encoder_dir, write_jsonl)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_encoder_dir):  # noqa: F811
+    d = tmp_path_factory.mktemp("train")
+    train_ex = read_records_file(write_jsonl(d / "tr.jsonl", synthetic_records(240, 1)))
+    val_ex = read_records_file(write_jsonl(d / "va.jsonl", synthetic_records(90, 2)))
+    labels = LabelSpace.build(["billing", "technical", "account", "other"],
+                              ["low", "normal", "high"], train_ex)
+    write_examples(d / "train.jsonl", train_ex)
+    write_examples(d / "val.jsonl", val_ex)
+    metrics = train({**FAST, "encoder": str(tiny_encoder_dir), "labels": labels.to_dict(),
+                     "train_path": str(d / "train.jsonl"), "val_path": str(d / "val.jsonl"),
+                     "out_dir": str(d / "v1"), "device": "cpu", "epsilon": 0.1})
+    return d, metrics, val_ex
+
+
+def test_training_reduces_loss_and_beats_the_majority_class(trained):
+    _, metrics, val_ex = trained
+    hist = metrics["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] * 0.7
+    majority = Counter(e.category for e in val_ex).most_common(1)[0][1] / len(val_ex)
+    assert metrics["category"]["val_accuracy"] > majority + 0.2
+    assert metrics["category"]["ece_after"] <= metrics["category"]["ece_before"] + 1e-9
+
+
+def test_saved_model_reloads_to_the_same_predictions(trained):
+    d, _, val_ex = trained
+    a = Classifier.load(d / "v1", device="cpu")
+    b = Classifier.load(d / "v1", device="cpu")
+    emails = [Email(id=e.id, subject=e.subject, new_text=e.body) for e in val_ex[:20]]
+    ta, tb = a.classify(emails), b.classify(emails)
+    assert [t.category for t in ta] == [t.category for t in tb]
+    for x, y in zip(ta, tb):
+        assert x.confidence == pytest.approx(y.confidence, abs=1e-6)
+        assert sum(x.category_probs.values()) == pytest.approx(1.0, abs=1e-3)
+        assert x.model_version == "v1"
+        assert a.handles_alone(x) == all(
+            x.confidence[h] >= a.threshold(h) for h in x.confidence)
+    # batch composition does not change an email's answer (dynamic padding is masked)
+    one = a.classify(emails[3:4])[0]
+    assert one.category == ta[3].category
+    assert one.confidence["category"] == pytest.approx(ta[3].confidence["category"], abs=2e-2)
+    assert set(a.thresholds) == {"category", "priority", "needs_reply"}
+    assert {"epsilon", "delta", "threshold", "coverage", "bound"} <= set(a.thresholds["category"])
+
+
+def test_eval_output_has_every_field(trained):
+    d, _, val_ex = trained
+    clf = Classifier.load(d / "v1", device="cpu")
+    r = evaluate(clf, val_ex, latency_sample=10)
+    for key in ("accuracy", "macro_f1", "ece", "coverage", "selective_risk", "threshold",
+                "coverage_at_risk", "latency_ms_p50", "latency_ms_p99", "n", "heads"):
+        assert key in r, key
+    assert set(r["coverage_at_risk"]) == {"0.01", "0.02", "0.05"}
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_ms_p99"] >= r["latency_ms_p50"] > 0
+    assert {"priority", "needs_reply"} <= set(r["heads"])
