@@ -104,6 +104,11 @@ def test_killed_training_leaves_active_model_and_is_recorded(db, state_dir, tmp_
 
 
 def test_training_examples_from_sql_log(db):
+    check_training_examples(db)
+
+
+def check_training_examples(db):
+    """Shared with the PostgreSQL integration test."""
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     with db.session() as s:
         msgs = [Message(content_hash=f"h{i}", subject=f"subject {i}", body_text=f"body {i}",
