@@ -66,3 +66,23 @@ def test_teacher_outage_parks_escalations_then_drains(sqlite_db, messages_api, m
         # Each failed attempt is a row too (the teacher gives up at the first failure of
         # a batch; the rest of the batch was never sent).
         assert s.scalar(select(func.count()).where(ModelCall.error.is_not(None))) >= 2
+
+
+def test_triage_command_one_pass_json(sqlite_db, messages_api, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    _seed(sqlite_db, 5)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv("UNDERSTUDY_TEACHER__BASE_URL", messages_api.base_url)
+    monkeypatch.setenv("UNDERSTUDY_TEACHER__MAX_RETRIES", "0")
+    monkeypatch.setenv("UNDERSTUDY_STUDENT__DRAFTER", "none")
+    r = CliRunner().invoke(app, ["--database-url", sqlite_db.url, "triage", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["decided"] == 5 and out["routes"] == {"teacher": 5} and out["waiting"] == 0
+    r = CliRunner().invoke(app, ["--database-url", sqlite_db.url, "triage"])
+    assert r.exit_code == 0 and "triaged 0 email(s)" in r.output
