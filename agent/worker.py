@@ -32,7 +32,7 @@ from agent.logs import get_logger
 from agent.mail.errors import MessageNotFound
 from agent.protocols import StudentClassifier, StudentDrafter, Teacher
 from agent.router import Route, Router, thresholds_of
-from agent.teacher.errors import TeacherUnavailable
+from agent.teacher.errors import SpendCapReached, TeacherUnavailable
 from storage import work
 from storage.calls import digest_text, record_call, record_teacher_result
 from storage.db import Database
@@ -197,6 +197,7 @@ class TriageWorker:
     def _ask_teacher(self, emails: Sequence[Email]) -> tuple[dict[str, TeacherResult], str | None]:
         if not emails:
             return {}, None
+        self._retry_after_s = None
         if self.teacher is None:
             return {}, "no teacher configured"
         try:
@@ -204,7 +205,12 @@ class TriageWorker:
         except TeacherUnavailable as e:
             # Answers obtained (and paid for) before it gave up are used; the rest wait.
             log.warning("teacher unavailable; escalations wait", error=str(e),
-                        answered=len(e.results), asked=len(emails))
+                        answered=len(e.results), asked=len(emails),
+                        retry_after_s=e.retry_after_s)
+            # A spent daily cap resets at 00:00 UTC: no point retrying before (up to an
+            # hour at a time). Outages use our own backoff, which starts short.
+            if isinstance(e, SpendCapReached):
+                self._retry_after_s = e.retry_after_s
             return {r.email_id: r for r in e.results}, f"{type(e).__name__}: {e}"
 
     def _student_calls(self, e: Email, t: Triage | None, d: Draft | None, student: Student,
@@ -232,7 +238,8 @@ class TriageWorker:
               calls: list) -> None:
         if answer is not None:      # a paid-for failure is a row too
             calls = [*calls, lambda s, mid: record_teacher_result(s, answer, message_id=mid)]
-        delay = self._backoff(e.db_id)
+        delay = max(self._backoff(e.db_id), min(self.backoff_cap_s * 4,
+                                                 getattr(self, "_retry_after_s", None) or 0.0))
         reason = unavailable or (answer.error if answer else "no answer")
         work.record_calls(self.db, calls, e.db_id)
         if work.defer(self.db, e.db_id, self.worker_id, delay_s=delay, error=reason):

@@ -47,10 +47,10 @@ def test_cold_start_sends_everything_to_the_teacher(sqlite_db, messages_api, mon
 def test_teacher_outage_parks_escalations_then_drains(sqlite_db, messages_api, monkeypatch):
     _seed(sqlite_db, 10)
     w = build_worker(_settings(messages_api, monkeypatch, sqlite_db), sqlite_db, worker_id="w1")
-    w.backoff_base_s = 0.2
+    w.backoff_base_s = 2.0
     messages_api.start_outage(529)
-    r = w.run_until_empty()
-    assert r.waiting == 10 and not r.routes
+    r1, r2 = w.run_once(), w.run_once()          # batches of 8 and 2
+    assert r1.waiting + r2.waiting == 10 and not r1.routes and not r2.routes
     assert queue_depth(sqlite_db) == {"waiting": 10}
     messages_api.end_outage()
     import time
