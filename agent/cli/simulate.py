@@ -107,7 +107,8 @@ def report(
         xlabel = "stream emails"
     else:
         actx = app_context(ctx)
-        data = collect_from_db(actx.database(), epsilon=actx.settings.router.target_risk)
+        data = collect_from_db(actx.database(), epsilon=actx.settings.router.target_risk,
+                               price_table=actx.settings.teacher.price_table)
         xlabel = "time (UTC)"
     path = write_report(data, out, xlabel=xlabel)
     summary = {k: v for k, v in data.summary.items()}

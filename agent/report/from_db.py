@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from agent.report.model import (
     AuditBucket, CoverageRisk, ReportData, RouteBucket, SpendPoint, confusion_from_pairs,
@@ -90,7 +90,7 @@ def _coverage_risk(version: str | None, metrics: dict, thresholds: dict,
 
 
 def collect_from_db(db: Database, *, epsilon: float | None = None,
-                    title: str = "understudy report") -> ReportData:
+                    price_table: Any = None, title: str = "understudy report") -> ReportData:
     """Everything the report shows, from one database. Works on an empty one."""
     with db.session() as s:
         decisions = s.execute(select(
@@ -109,8 +109,12 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
         active_info = None if active is None else (active.version, dict(active.metrics or {}),
                                                    dict(active.thresholds or {}))
 
-    if epsilon is None and active_info:
-        epsilon = active_info[2].get("epsilon") or active_info[2].get("target_risk")
+    if active_info:
+        # The promise the active model carries beats the configured target (the same
+        # rule as `status`, agent.audit.promised_epsilon).
+        from agent.audit import promised_epsilon
+
+        epsilon = promised_epsilon(active_info[2], epsilon if epsilon is not None else 0.02)
 
     # Mail by route and audits, bucketed by decision time.
     decision_of = {m: cat for m, _, cat, *_ in decisions}
@@ -140,9 +144,20 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
     teacher_calls = [c for c in calls if c.role == "teacher"]
     priced = [c.cost_usd for c in teacher_calls if c.cost_usd]
     mean_cost = sum(priced) / len(priced) if priced else 0.0
+    estimated = False
+    if teacher_calls and not priced and price_table is not None:
+        # A teacher that bills nothing (recorded answers): price every call at the
+        # teacher's planning estimate for emails of this size, so the panel still shows
+        # what the cascade saves against Claude at the configured prices.
+        from agent.teacher.pricing import estimate_cost
+
+        with db.session() as s:
+            avg = s.scalar(select(func.avg(func.length(Message.body_text)))) or 0.0
+        mean_cost = estimate_cost(1, float(avg), price_table)
+        estimated = True
     events = sorted([(_aware(d[3]), 0, 0.0) for d in decisions]
-                    + [(_aware(c.created_at), 1, c.cost_usd or 0.0) for c in teacher_calls],
-                    key=lambda e: (e[0], e[1]))
+                    + [(_aware(c.created_at), 1, mean_cost if estimated else c.cost_usd or 0.0)
+                       for c in teacher_calls], key=lambda e: (e[0], e[1]))
     spend_pts, emails, spent = [], 0, 0.0
     for t, kind, cost in events:
         if kind == 0:
@@ -187,14 +202,15 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
     by_source = {k: sum(1 for d in decisions if d[1] == k) for k in ("student", "teacher", "human")}
     a_n = sum(a.n for a in audits)
     a_k = sum(a.disagreements for a in audits)
-    total_spend = sum(c.cost_usd or 0.0 for c in teacher_calls)
+    total_spend = (len(teacher_calls) * mean_cost if estimated
+                   else sum(c.cost_usd or 0.0 for c in teacher_calls))
     summary = {
         "emails_decided": n,
         "student_alone_share": by_source["student"] / n if n else None,
         "escalation_rate": by_source["teacher"] / n if n else None,
         "audits": a_n,
         "audit_disagreement_rate": a_k / a_n if a_n else None,
-        "teacher_spend_usd": total_spend,
+        ("teacher_spend_estimated_usd" if estimated else "teacher_spend_usd"): total_spend,
         "teacher_only_usd": n * mean_cost if mean_cost else None,
         "saved": 1 - total_spend / (n * mean_cost) if n and mean_cost else None,
         "active_model": version or "none (cold start)",
@@ -203,4 +219,7 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
         title=title, source=f"database {db.redacted_url()}",
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         epsilon=epsilon, summary=summary, routes=routes, audits=audits, spend=spend,
-        coverage_risk=cr, confusion=cm, latency=tuple(lat))
+        coverage_risk=cr, confusion=cm, latency=tuple(lat),
+        notes=(f"The teacher billed nothing (recorded answers): spend is estimated at "
+               f"${mean_cost:.4f} per call, the teacher's planning estimate at the configured "
+               "prices.",) if estimated else ())
