@@ -22,6 +22,12 @@ daemon loads it with ``Drafter.load(base, adapter_dir)`` or pushes it to vLLM wi
 ``distill.serving.load_adapter``. Bootstrapping from the corpus::
 
     python -m distill.drafter_train --corpus ../shared/data/spamassassin --limit 400 --out DIR
+
+The same command with ``--db URL`` (or ``--records F.jsonl``) trains from the SQL log in a
+child process, the way the retrain pipeline runs the classifier: a crash or kill of the
+child leaves the active adapter untouched. It prints the metrics as JSON on stdout; the
+held-out pairs are the newest ``--val`` (default 32), so ``val_loss_after`` against
+``val_loss_before`` (or the active adapter's) is the number to gate on.
 """
 
 from __future__ import annotations
@@ -342,6 +348,7 @@ def _main(argv: list[str] | None = None) -> int:
     src.add_argument("--records", type=Path, help="teacher-records JSONL with drafts")
     src.add_argument("--corpus", type=Path,
                      help="dir with reply_pairs.jsonl (e.g. ../shared/data/spamassassin)")
+    src.add_argument("--db", help="database URL: teacher drafts and reviewers' edits (SQL log)")
     ap.add_argument("--out", type=Path, required=True, help="adapter directory to write")
     ap.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE})")
     ap.add_argument("--limit", type=int, default=None, help="use at most N pairs (default all)")
@@ -353,15 +360,23 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step (default 4)")
     ap.add_argument("--max-len", type=int, default=640, help="tokens per pair (default 640)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--version", default=None, help="version name (default: --out's name)")
     args = ap.parse_args(argv)
-    pairs = (pairs_from_records(args.records) if args.records
-             else pairs_from_reply_corpus(args.corpus, limit=args.limit))
-    pairs = pairs[:args.limit] if args.limit else pairs
+    if args.db:
+        from storage.db import Database
+
+        pairs = pairs_from_sql(Database(args.db), limit=args.limit)   # the newest N
+    elif args.records:
+        pairs = pairs_from_records(args.records)
+    else:
+        pairs = pairs_from_reply_corpus(args.corpus, limit=args.limit)
+    pairs = pairs[:args.limit] if args.limit and not args.db else pairs
     val = pairs[-args.val:] if args.val and len(pairs) > 2 * args.val else []
     train = pairs[:len(pairs) - len(val)]
     m = train_drafter(train, args.out, base=args.base, epochs=args.epochs, lr=args.lr,
                       max_len=args.max_len, seed=args.seed, rank=args.rank,
-                      batch_size=args.batch_size, max_steps=args.max_steps, val_pairs=val)
+                      batch_size=args.batch_size, max_steps=args.max_steps, val_pairs=val,
+                      version=args.version)
     print(json.dumps(m, indent=2, default=str))
     return 0
 
