@@ -221,3 +221,20 @@ def test_statistics_helpers():
     assert cov == (0.25, 0.5, 0.75, 1.0) and risk == (0.0, 0.0, 1 / 3, 0.5)
     cm = confusion_from_pairs([(f"c{i}", f"c{i}") for i in range(30)], max_labels=5)
     assert cm.labels[-1] == "(other)" and cm.n == 30 and len(cm.labels) == 5
+
+
+def test_recorded_teacher_spend_is_estimated_at_configured_prices(sqlite_db):
+    from sqlalchemy import update
+
+    from config import PriceTable
+    from storage.models import ModelCall
+
+    _small_db(sqlite_db)
+    with sqlite_db.session() as s:      # a recorded teacher bills nothing
+        s.execute(update(ModelCall).values(cost_usd=0.0))
+    assert collect_from_db(sqlite_db).spend == ()
+    d = collect_from_db(sqlite_db, price_table=PriceTable())
+    assert d.spend and d.spend[-1].teacher_usd < d.spend[-1].teacher_only_usd
+    assert d.summary["teacher_spend_estimated_usd"] > 0
+    assert any("estimated" in n for n in d.notes)
+    assert "spend" in images(render_html(d))
