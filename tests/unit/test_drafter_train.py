@@ -126,3 +126,31 @@ def test_training_without_usable_pairs_says_what_to_do(tmp_path):
     bad = [ReplyPair(Email(id="1", subject="x", new_text="y"), "")]
     with pytest.raises(ValueError, match="max_len"):
         train_drafter(bad, tmp_path / "a", max_steps=1, progress=False)
+
+
+def test_the_cli_trains_from_the_sql_log_in_a_child_process(sqlite_db, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from storage.models import Message, ModelCall
+
+    with sqlite_db.session() as s:
+        for i, p in enumerate(PAIRS):
+            m = Message(content_hash=str(i), subject=p.email.subject, new_text=p.email.new_text)
+            s.add(m)
+            s.flush()
+            s.add(ModelCall(message_id=m.id, role="teacher", purpose="label", model_id="claude",
+                            output={"category": "other", "draft": p.reply}))
+        s.commit()
+    out = tmp_path / "dft-1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "distill.drafter_train", "--db", sqlite_db.url,
+                        "--out", str(out), "--max-steps", "2", "--max-len", "256", "--val", "0",
+                        "--version", "dft-test"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads(r.stdout)
+    assert metrics["n_pairs"] == 3 and metrics["steps"] == 2
+    assert json.loads((out / ADAPTER_META).read_text())["version"] == "dft-test"
+    assert (out / "adapter_model.safetensors").exists()
