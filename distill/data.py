@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -205,7 +204,3 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, shuffle: bool,
     rng.shuffle(batches)
     yield from batches
 
-
-def newest_first_time(examples: Sequence[TrainingExample]) -> datetime | None:
-    times = [e.created_at for e in examples if e.created_at]
-    return max(times) if times else None
