@@ -31,25 +31,43 @@ def _example_from_record(r: dict, line: int) -> TrainingExample:
         category=str(r["category"]),
         category_probs={str(k): float(v) for k, v in probs.items()} if probs else None,
         priority=r.get("priority") or None, needs_reply=nr if isinstance(nr, bool) else None,
-        gold=bool(r.get("gold", False)), source=str(r.get("source") or "records"))
+        gold=bool(r.get("gold", False)) or r.get("source") == "human",
+        source=str(r.get("source") or "records"))
 
 
 def read_records_file(path: Path) -> list[TrainingExample]:
-    """Teacher records (interchange JSONL) as examples, in file order (= time order)."""
-    try:  # the teacher capability owns the format; use its reader when it is installed
-        from agent.teacher.records import read_records  # type: ignore
-    except ImportError:
-        read_records = None
+    """Teacher records (interchange JSONL) as examples, in file order (= time order).
+
+    Validated by the teacher capability's reader (``agent.teacher.records``) when it is
+    installed; its format errors are re-raised as :class:`DatasetError`.
+    """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"records file {path} does not exist")
+    try:  # the teacher capability owns the format; use its reader when it is installed
+        from agent.teacher.records import read_records  # type: ignore
+    except ImportError:
+        return read_training_file(path)
     out: list[TrainingExample] = []
-    if read_records is not None:
+    try:
         for i, rec in enumerate(read_records(path), 1):
             r = rec if isinstance(rec, dict) else _record_to_dict(rec)
             out.append(_example_from_record(r, i))
-        return out
-    with path.open(encoding="utf-8") as f:
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader's own format error
+        if e.__class__.__name__ != "RecordsFormatError":
+            raise
+        raise DatasetError(f"{e}; see the interchange format in the README") from e
+    return out
+
+
+def read_training_file(path: Path) -> list[TrainingExample]:
+    """The training subprocess's own input (written by :func:`write_examples`): the
+    interchange fields plus ``gold``/``source``, read without the interchange validator
+    (a soft label from the SQL log need not name the hard label, nor sum to exactly 1)."""
+    out: list[TrainingExample] = []
+    with Path(path).open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:

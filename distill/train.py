@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distill.calibrate import ece, fit_temperature
-from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_records_file
+from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_training_file
 from distill.losses import class_weights, head_loss
 from distill.model import HEADS, StudentModel, autocast_for, batched_logits, pick_device
 from distill.thresholds import NEVER, choose_threshold
@@ -61,8 +61,8 @@ def train(run: dict) -> dict:
 
     encoder_path = resolve_encoder(cfg["encoder"])
     tok = AutoTokenizer.from_pretrained(encoder_path)
-    train_ex = read_records_file(Path(cfg["train_path"]))
-    val_ex = read_records_file(Path(cfg["val_path"]))
+    train_ex = read_training_file(Path(cfg["train_path"]))
+    val_ex = read_training_file(Path(cfg["val_path"]))
     tr = encode(train_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"])
     va = encode(val_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"])
     trained_heads = [h for h in HEADS if (tr.hard[h] != IGNORE).any()]

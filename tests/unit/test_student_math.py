@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from distill.calibrate import ece, fit_temperature
@@ -97,3 +98,22 @@ def test_gate():
     assert not no.promote and "agreement" in no.reason
     assert gate({"accuracy": 0.89, "coverage": 0.85}, a, agreement_margin=0.02).promote
     assert not gate({"accuracy": 0.95, "coverage": 0.70}, a, coverage_margin=0.05).promote
+
+
+def test_records_human_source_is_gold_and_survives_the_training_file(tmp_path):
+    import json
+
+    from distill.data import read_records_file, read_training_file, write_examples
+    from distill.errors import DatasetError
+
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps({"id": "1", "body": "x", "category": "a", "source": "human"})
+                 + "\n" + json.dumps({"id": "2", "body": "y", "category": "b",
+                                      "category_probs": {"b": 0.6, "a": 0.4}}) + "\n")
+    ex = read_records_file(p)
+    assert [e.gold for e in ex] == [True, False] and ex[1].category_probs == {"b": 0.6, "a": 0.4}
+    write_examples(tmp_path / "t.jsonl", ex)
+    assert read_training_file(tmp_path / "t.jsonl") == ex
+    p.write_text('{"id": "1", "body": "x"}\n')
+    with pytest.raises(DatasetError):
+        read_records_file(p)
