@@ -84,7 +84,7 @@ class TriageWorker:
                  student: Callable[[], Student], teacher: Teacher | None,
                  actions_for: Callable[[str], Actions | None],
                  move_rules: dict[str, dict[str, str]], batch_size: int = 32,
-                 backoff_base_s: float = 5.0, backoff_cap_s: float = 900.0):
+                 backoff_base_s: float = 5.0, backoff_cap_s: float = 300.0):
         self.db = db
         self.worker_id = worker_id
         self.router = router
@@ -201,7 +201,10 @@ class TriageWorker:
         if self.teacher is None:
             return {}, "no teacher configured"
         try:
-            return {r.email_id: r for r in self.teacher.label(emails)}, None
+            answers = {r.email_id: r for r in self.teacher.label(emails)}
+            if any(r.ok for r in answers.values()) and work.wake_waiting(self.db):
+                log.info("teacher answers again; waiting escalations are due now")
+            return answers, None
         except TeacherUnavailable as e:
             # Answers obtained (and paid for) before it gave up are used; the rest wait.
             log.warning("teacher unavailable; escalations wait", error=str(e),

@@ -120,7 +120,17 @@ def defer_actions(db: Database, message_id: int, worker_id: str, *, delay_s: flo
             next_attempt_at=now + timedelta(seconds=delay_s))).rowcount == 1
 
 
-def backoff_s(attempts: int, base_s: float = 5.0, cap_s: float = 900.0) -> float:
+def wake_waiting(db: Database, now: datetime | None = None) -> int:
+    """The teacher answers again: make every waiting escalation due now (drain the backlog
+    at once instead of at each message's backoff)."""
+    now = now or _now()
+    with db.session() as s:
+        return s.execute(update(Message).where(
+            Message.state == "waiting", Message.next_attempt_at > now)
+            .values(next_attempt_at=now)).rowcount
+
+
+def backoff_s(attempts: int, base_s: float = 5.0, cap_s: float = 300.0) -> float:
     """Exponential backoff for waiting escalations: base * 2^(attempts-1), capped."""
     return min(cap_s, base_s * (2 ** max(0, attempts - 1)))
 

@@ -67,7 +67,12 @@ def test_release_and_defer_with_backoff(db):
     # Not due yet: only the released one comes back.
     assert work.claim_batch(db, "w", 10, now=now + timedelta(seconds=1)) == [ids[0]]
     assert work.claim_batch(db, "w", 10, now=now + timedelta(seconds=61)) == [ids[1]]
-    assert work.backoff_s(1) == 5 and work.backoff_s(3) == 20 and work.backoff_s(50) == 900
+    # The teacher is back: waiting escalations become due at once.
+    assert work.defer(db, ids[1], "w", delay_s=600, error="down again", now=now)
+    assert work.claim_batch(db, "w", 10, now=now + timedelta(seconds=2)) == []
+    assert work.wake_waiting(db, now=now + timedelta(seconds=2)) == 1
+    assert work.claim_batch(db, "w", 10, now=now + timedelta(seconds=2)) == [ids[1]]
+    assert work.backoff_s(1) == 5 and work.backoff_s(3) == 20 and work.backoff_s(50) == 300
 
 
 def test_stale_claims_of_a_dead_worker_are_recovered(db):
