@@ -259,6 +259,7 @@ def test_two_daemons_on_postgresql_share_one_inbox(dovecot, messages_api, pg_url
     db.dispose()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_exactly_one_decision_each(
         dovecot, messages_api, sqlite_url, tiny_student, tmp_path):
     """Ten SIGKILLs while the daemon ingests, drafts, commits and acts; then a clean run.
@@ -310,6 +311,7 @@ def test_kill_9_at_random_moments_then_exactly_one_decision_each(
     db.dispose()
 
 
+@pytest.mark.slow
 def test_scheduled_retrain_promotes_and_hot_reloads_then_rejects_a_worse_one(
         dovecot, messages_api, sqlite_url, tmp_path):
     from config import load_settings
