@@ -199,8 +199,22 @@ def build_retrain(settings: Settings, db: Database) -> Callable[[str], Any]:
     def retrain(trigger: str):
         from distill.pipeline import retrain as run, retrain_kwargs
 
-        return run(db, **retrain_kwargs(settings), data=None, trigger=trigger)
+        return run(db, **retrain_kwargs(settings), data=None, trigger=trigger,
+                   after_classifier=build_drafter_step(settings, db))
     return retrain
+
+
+def build_drafter_step(settings: Settings, db: Database) -> Callable[[Any], dict] | None:
+    """The drafter half of a retrain (LoRA in a child process), or None when drafting is
+    off or student.drafter_retrain is false."""
+    st = settings.student
+    if not drafting_enabled(settings) or not st.drafter_retrain:
+        return None
+    from distill.drafter_step import drafter_step
+
+    return drafter_step(db, state_dir=settings.state_dir, db_url=db.url, base=st.drafter,
+                        min_pairs=st.drafter_min_pairs, max_steps=st.drafter_max_steps,
+                        timeout_s=st.drafter_timeout_s)
 
 
 def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = None,

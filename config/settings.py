@@ -117,6 +117,10 @@ class StudentSettings(_Section):
     epochs: int = Field(6, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0)
     seed: int = 0
+    drafter_retrain: bool = Field(True, description="Retrain the drafter's LoRA with each retrain.")
+    drafter_min_pairs: int = Field(100, ge=1, description="Reply pairs needed to train it.")
+    drafter_max_steps: int = Field(60, ge=1, description="LoRA steps per retrain.")
+    drafter_timeout_s: float = Field(1800.0, gt=0, description="Kill drafter training after.")
     drafter_backend: Literal["transformers", "vllm"] = "transformers"
     vllm_url: str = "http://127.0.0.1:8001/v1"
 

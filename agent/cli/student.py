@@ -27,6 +27,7 @@ def retrain(
     there, and the candidate is promoted only if no worse on agreement and on coverage at
     the target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin).
     """
+    from agent.build import build_drafter_step
     from distill.errors import StudentError
     from distill.pipeline import retrain as run_retrain
     from distill.pipeline import retrain_kwargs
@@ -34,8 +35,11 @@ def retrain(
     app = app_context(ctx)
     db = app.database()
     try:
+        # A records file carries no reply pairs of this database: the drafter step then
+        # has nothing new to learn from, so it runs only for SQL retrains.
+        step = None if data is not None else build_drafter_step(app.settings, db)
         r = run_retrain(db, **retrain_kwargs(app.settings), data=data, trigger="manual",
-                        timeout_s=timeout)
+                        timeout_s=timeout, after_classifier=step)
     except StudentError as e:
         fail(str(e))
     m = r.metrics or {}
