@@ -54,4 +54,14 @@ def render_status(snap: dict[str, Any]) -> str:
     if w and w["count"]:
         lines.append(f"waiting      {w['count']} escalation(s) wait for the teacher; next try "
                      f"{w['next_attempt_at']}; last error: {w['last_error']}")
+    mbs = snap.get("mailboxes") or []
+    for mb in mbs:
+        lines.append(f"mailbox      {mb['account']}/{mb['folder']}: {mb['messages']} stored, "
+                     f"uid cursor {mb['last_uid']} (uidvalidity {mb['uidvalidity']}), "
+                     f"last sync {mb['last_sync_at'] or 'never'}")
+    rv = snap.get("review")
+    if rv:
+        lines.append(f"review       {rv['pending_review']} draft(s) wait for review"
+                     + (f"; {rv['approved_undelivered']} approved but not yet in Drafts"
+                        if rv["approved_undelivered"] else ""))
     return "\n".join(lines)
