@@ -31,6 +31,15 @@ def run(
     leases) and exits 0. Several daemons may share one PostgreSQL database; SQLite allows
     one.
     """
+    import signal
+    import threading
+
+    # A SIGTERM that arrives while the daemon is still being built (imports, database,
+    # metrics port) is a clean stop too: nothing is held yet, so exit 0 right after.
+    early_stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: early_stop.set())
+
     from agent.daemon import DaemonError
     from agent.build import build_daemon
 
@@ -40,6 +49,9 @@ def run(
         daemon = build_daemon(actx.settings, db, worker_id=worker_id,
                               metrics_port=metrics_port, scheduler=not no_scheduler,
                               lease_ttl_s=lease_ttl_s, heartbeat_s=max(0.5, lease_ttl_s / 10))
+        if early_stop.is_set():
+            emit("stopped before start", None)
+            raise typer.Exit(0)
         code = daemon.run()
     except DaemonError as e:
         fail(str(e))

@@ -289,8 +289,13 @@ def test_kill_9_at_random_moments_then_exactly_one_decision_each(
         d.kill9()
         kills += 1
     mid_way = _counts(db)
+    before = log.read_text().count("student warmed up")
     d = DaemonProc(cfg, log).start()
     try:
+        # The kills may already have let every email through: still wait for this daemon to
+        # be up (signal handlers installed) before asking it to stop.
+        wait_for(lambda: log.read_text().count("student warmed up") > before, 180,
+                 what="the last daemon to start")
         wait_for(lambda: _counts(db) == (n, n), 300, every=1.0, what="every email acted on")
     finally:
         rc = d.terminate()
