@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.simulate.data import (  # noqa: E402
-    build_banking77_files, read_banking77, split_stream_test, subject_for, write_jsonl)
+    build_banking77_files, read_banking77, split_stream_test, subject_for)
+from agent.teacher.records import write_records  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 # Intents whose wording differs clearly, so a few hundred labels train a useful student
@@ -132,7 +133,7 @@ def build_inbox(out: Path, data: Path, categories: tuple[str, ...], per_category
                         "priority": priority_of(r.category), "needs_reply": True,
                         "draft": drafts[h % len(drafts)] if drafts else None,
                         "rationale": f"The customer asks about {r.category.replace('_', ' ')}."})
-    write_jsonl(out / "records.jsonl", records)
+    write_records(out / "records.jsonl", records)
     (out / "categories.json").write_text(json.dumps(list(categories)))
     return {"messages": len(records), "dir": str(out), "categories": list(categories),
             "drafts": len(drafts)}

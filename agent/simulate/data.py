@@ -16,7 +16,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
+
+from agent.teacher.records import write_records
 
 
 class SimulationDataError(ValueError):
@@ -99,20 +101,6 @@ def to_record(row: Row, *, subject: bool = False) -> dict:
     return rec
 
 
-def write_jsonl(path: Path, records: Iterable[dict]) -> int:
-    """Write one JSON object per line (atomically: a temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Read teacher records minimally (id, body, category required), naming bad lines."""
     path = Path(path)
@@ -142,8 +130,8 @@ def build_banking77_files(csv_path: Path, out_dir: Path, *, test_fraction: float
     if limit is not None:
         stream = stream[:limit]
     out_dir = Path(out_dir)
-    n_stream = write_jsonl(out_dir / "stream.jsonl", (to_record(r) for r in stream))
-    n_test = write_jsonl(out_dir / "test.jsonl", (to_record(r) for r in test))
+    n_stream = write_records(out_dir / "stream.jsonl", (to_record(r) for r in stream))
+    n_test = write_records(out_dir / "test.jsonl", (to_record(r) for r in test))
     return {"stream": str(out_dir / "stream.jsonl"), "test": str(out_dir / "test.jsonl"),
             "n_stream": n_stream, "n_test": n_test,
             "categories": len({r.category for r in stream} | {r.category for r in test}),

@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.simulate.data import read_banking77, split_stream_test, to_record, write_jsonl
+from agent.simulate.data import read_banking77, split_stream_test, to_record
+from agent.teacher.records import write_records
 from storage.db import Database
 from storage.models import DecisionRow, ModelCall, ModelVersion, TrainingRun
 
@@ -39,8 +40,8 @@ def replay(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simulate")
     rows = [r for r in read_banking77(csv) if r.category in CATS]
     stream, test = split_stream_test(rows, test_fraction=0.2, seed=0)
-    write_jsonl(tmp / "stream.jsonl", (to_record(r) for r in stream[:N_STREAM]))
-    write_jsonl(tmp / "test.jsonl", (to_record(r) for r in test[:N_TEST]))
+    write_records(tmp / "stream.jsonl", (to_record(r) for r in stream[:N_STREAM]))
+    write_records(tmp / "test.jsonl", (to_record(r) for r in test[:N_TEST]))
     mp = pytest.MonkeyPatch()
     mp.setenv("UNDERSTUDY_STATE_DIR", str(tmp / "state"))
     mp.setenv("HF_HUB_OFFLINE", "1")
