@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from agent.logs import get_logger
+from storage.audits import audit_summary, clopper_pearson
 from storage.db import Database
-from storage.work import audit_summary, clopper_pearson
 
 __all__ = ["audit_output", "check", "clopper_pearson", "promised_epsilon"]
 

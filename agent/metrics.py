@@ -18,8 +18,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from storage.db import Database
 
@@ -92,8 +98,9 @@ class Metrics:
             self.latency.observe(s)
 
     def refresh(self, force: bool = False, refresh_s: float = 5.0) -> None:
+        from storage.audits import audit_summary
         from storage.queries import start_of_utc_day, teacher_spend_since
-        from storage.work import audit_summary, queue_depth
+        from storage.work import queue_depth
 
         with self._lock:
             if not force and time.time() - self._refreshed < refresh_s:

@@ -26,9 +26,9 @@ from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.db import Database
+from storage.leases import mailbox_id
 from storage.models import Account, Mailbox, Message, utcnow
 from storage.types import Email
-from storage.work import mailbox_id
 
 MAX_MESSAGE_ID = 998
 

@@ -111,7 +111,7 @@ def _review_keys(db: Database) -> dict[str, int]:
 def _daemon_keys(db: Database, settings: Any, active: list) -> dict[str, Any]:
     """Live audit disagreement of the active classifier (95% interval vs its promise
     epsilon) and the escalations waiting for the teacher."""
-    from storage.work import audit_summary
+    from storage.audits import audit_summary
 
     clf = next((m for m in active if m.kind == "classifier"), None)
     eps = settings.router.target_risk

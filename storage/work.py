@@ -1,4 +1,6 @@
-"""Work-queue queries for the triage worker: claims, releases, backoff, leases, recovery.
+"""Work-queue queries for the triage worker: claims, releases, backoff, recovery, decisions.
+
+Folder leases live in :mod:`storage.leases`, audit statistics in :mod:`storage.audits`.
 
 A message moves ``pending -> claimed -> decided -> acted`` (see storage.models). A claim
 records ``claimed_by`` (a worker id) and ``claimed_at``. A worker proves it is alive with a
@@ -18,7 +20,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Sequence
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.db import Database
@@ -223,58 +224,6 @@ def states_of(db: Database, ids: Sequence[int]) -> dict[int, tuple[str, bool]]:
     return {i: (st, d is not None) for i, st, d in rows}
 
 
-# --- folder leases: one watcher per folder across workers ------------------------------
-
-def mailbox_id(db: Database, account: str, folder: str) -> int:
-    """The mailboxes row id for (account, folder), created when ingest has not yet."""
-    for _ in range(3):
-        with db.session() as s:
-            got = s.scalar(select(Mailbox.id).join(Account).where(
-                Account.name == account, Mailbox.name == folder))
-            if got is not None:
-                return got
-        try:
-            with db.session() as s:
-                acc = s.scalar(select(Account).where(Account.name == account))
-                if acc is None:
-                    acc = Account(name=account)
-                    s.add(acc)
-                    s.flush()
-                mb = Mailbox(account_id=acc.id, name=folder)
-                s.add(mb)
-                s.flush()
-                return mb.id
-        except IntegrityError:
-            continue   # another process created it first: read it back
-    raise RuntimeError(f"could not create the mailbox row for {account}/{folder}")
-
-
-def acquire_lease(db: Database, mailbox: int, owner: str, ttl_s: float,
-                  now: datetime | None = None) -> bool:
-    """Take or renew the watcher lease of a folder; True when ``owner`` holds it now."""
-    now = now or _now()
-    with db.session() as s:
-        n = s.execute(update(Mailbox).where(
-            Mailbox.id == mailbox,
-            or_(Mailbox.lease_owner.is_(None), Mailbox.lease_owner == owner,
-                Mailbox.lease_expires_at.is_(None), Mailbox.lease_expires_at < now))
-            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s))).rowcount
-    return n == 1
-
-
-def release_lease(db: Database, mailbox: int, owner: str) -> None:
-    with db.session() as s:
-        s.execute(update(Mailbox).where(Mailbox.id == mailbox, Mailbox.lease_owner == owner)
-                  .values(lease_owner=None, lease_expires_at=None))
-
-
-def lease_holder(db: Database, mailbox: int) -> tuple[str | None, datetime | None]:
-    with db.session() as s:
-        row = s.execute(select(Mailbox.lease_owner, Mailbox.lease_expires_at)
-                        .where(Mailbox.id == mailbox)).one()
-    return row[0], _aware(row[1])
-
-
 # --- decisions: commit first, act after ------------------------------------------------
 
 CallWriter = Callable[[Session, int | None], int]
@@ -378,42 +327,6 @@ def queue_depth(db: Database) -> dict[str, int]:
             Message.state.in_(["pending", "claimed", "waiting", CLAIMABLE_DECIDED]))
             .group_by(Message.state)).all()
     return {k: int(v) for k, v in rows}
-
-
-# --- audits: live disagreement of the student with the teacher -------------------------
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval for k successes in n trials (conservative, valid at small n)."""
-    from scipy.stats import beta
-
-    if n <= 0:
-        return 0.0, 1.0
-    a = (1 - level) / 2
-    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
-    return lo, hi
-
-
-def audit_summary(db: Database, *, epsilon: float, level: float = 0.95,
-                  student_version: str | None = None) -> dict:
-    """Disagreement of audited student decisions with the teacher, with an exact interval.
-
-    ``breach`` is True when the interval's lower end is above ``epsilon``: the data show,
-    at ``level`` confidence, that the student breaks its promise.
-    """
-    from storage.models import ModelCall
-
-    with db.session() as s:
-        outs = s.scalars(select(ModelCall.output).where(
-            ModelCall.purpose == "audit", ModelCall.error.is_(None))).all()
-    outs = [o for o in outs if isinstance(o, dict) and "agree" in o
-            and (student_version is None or o.get("student_version") == student_version)]
-    n = len(outs)
-    k = sum(1 for o in outs if not o["agree"])
-    lo, hi = clopper_pearson(k, n, level)
-    return {"student_version": student_version, "n": n, "disagreements": k,
-            "rate": (k / n) if n else None, "interval": [round(lo, 6), round(hi, 6)],
-            "level": level, "epsilon": epsilon, "breach": bool(n and lo > epsilon)}
 
 
 def active_model(db: Database, kind: str = "classifier") -> tuple[str, str] | None:

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select
 
-from storage import work
+from storage import leases, work
 from storage.calls import record_call
 from storage.models import DecisionRow, DraftRow, Message, ModelCall
 
@@ -121,15 +121,15 @@ def test_commit_decision_once_then_actions(db):
 
 
 def test_folder_lease_has_one_holder_until_it_expires(db):
-    mb = work.mailbox_id(db, "acct", "INBOX")
-    assert work.mailbox_id(db, "acct", "INBOX") == mb
+    mb = leases.mailbox_id(db, "acct", "INBOX")
+    assert leases.mailbox_id(db, "acct", "INBOX") == mb
     now = datetime.now(timezone.utc)
-    assert work.acquire_lease(db, mb, "a", 30, now=now)
-    assert not work.acquire_lease(db, mb, "b", 30, now=now)
-    assert work.acquire_lease(db, mb, "a", 30, now=now)           # renew
-    assert work.acquire_lease(db, mb, "b", 30, now=now + timedelta(seconds=31))
-    assert work.lease_holder(db, mb)[0] == "b"
-    work.release_lease(db, mb, "a")                                 # not the holder: no-op
-    assert work.lease_holder(db, mb)[0] == "b"
-    work.release_lease(db, mb, "b")
-    assert work.acquire_lease(db, mb, "a", 30, now=now)
+    assert leases.acquire_lease(db, mb, "a", 30, now=now)
+    assert not leases.acquire_lease(db, mb, "b", 30, now=now)
+    assert leases.acquire_lease(db, mb, "a", 30, now=now)           # renew
+    assert leases.acquire_lease(db, mb, "b", 30, now=now + timedelta(seconds=31))
+    assert leases.lease_holder(db, mb)[0] == "b"
+    leases.release_lease(db, mb, "a")                                 # not the holder: no-op
+    assert leases.lease_holder(db, mb)[0] == "b"
+    leases.release_lease(db, mb, "b")
+    assert leases.acquire_lease(db, mb, "a", 30, now=now)
