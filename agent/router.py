@@ -6,8 +6,9 @@ The student handles an email alone only when *all* of these hold:
 * every head's calibrated confidence clears the threshold stored with the model
   (the thresholds were chosen on held-out data to keep disagreement under the promised
   risk epsilon with confidence 1 - delta; see distill/thresholds);
-* when a reply is needed and drafting is on, the draft's confidence clears
-  ``draft_min_confidence``;
+* when a reply is needed and drafting is on, the draft's confidence (geometric-mean token
+  probability) clears ``draft_min_confidence`` and, when set, its least likely token's
+  log-probability clears ``draft_min_token_logprob``;
 * no rule forces escalation: the predicted category is marked always-escalate, or the
   sender matches an escalation glob.
 
@@ -53,10 +54,12 @@ class Router:
 
     def __init__(self, *, always_escalate: Iterable[str] = (),
                  escalate_senders: Iterable[str] = (), draft_min_confidence: float = 0.0,
+                 draft_min_token_logprob: float | None = None,
                  audit_fraction: float = 0.0, drafting: bool = True, audit_salt: str = ""):
         self.always_escalate = frozenset(always_escalate)
         self.escalate_senders = tuple(p.lower() for p in escalate_senders)
         self.draft_min_confidence = draft_min_confidence
+        self.draft_min_token_logprob = draft_min_token_logprob
         self.audit_fraction = audit_fraction
         self.drafting = drafting
         self.audit_salt = audit_salt
@@ -94,6 +97,11 @@ class Router:
             elif (draft.confidence if draft.confidence is not None else 0.0) \
                     < self.draft_min_confidence:
                 reasons.append("low_confidence:draft")
+            elif self.draft_min_token_logprob is not None and (
+                    draft.min_logprob is None or draft.min_logprob < self.draft_min_token_logprob):
+                # One token the model guessed (an amount, a date, a name) is enough for a
+                # human to look, however fluent the rest of the reply.
+                reasons.append("unsure_token:draft")
         if triage.category in self.always_escalate:
             reasons.append(f"always_escalate:{triage.category}")
         if self.sender_forces_escalation(email):

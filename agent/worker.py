@@ -233,7 +233,9 @@ class TriageWorker:
             calls.append(lambda s, mid: record_call(
                 s, message_id=mid, role="student", purpose="draft", backend="drafter",
                 model_id="student-drafter", model_version=d.model_version,
-                input_digest=digest, output={"draft": d.text}, confidence=d.confidence,
+                input_digest=digest, output={"draft": d.text, "mean_logprob": d.mean_logprob,
+                                               "min_logprob": d.min_logprob},
+                confidence=d.confidence,
                 escalated=r.escalate, latency_ms=d.latency_ms or 0.0))
         return calls
 

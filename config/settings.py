@@ -121,8 +121,19 @@ class StudentSettings(_Section):
     drafter_min_pairs: int = Field(100, ge=1, description="Reply pairs needed to train it.")
     drafter_max_steps: int = Field(60, ge=1, description="LoRA steps per retrain.")
     drafter_timeout_s: float = Field(1800.0, gt=0, description="Kill drafter training after.")
+    drafter_rationale: bool = Field(
+        False, description="Also train on the teacher's rationale (distilling step by step).")
+    drafter_patience: int = Field(
+        3, ge=1, description="Held-out draft-loss checks without improvement before stopping.")
     drafter_backend: Literal["transformers", "vllm"] = "transformers"
     vllm_url: str = "http://127.0.0.1:8001/v1"
+    vllm_switch: Literal["adapter", "bluegreen"] = Field(
+        "adapter", description="How the vLLM server moves to a promoted drafter: load the "
+        "adapter under a new versioned name, or start a server on merged weights and move "
+        "traffic to it.")
+    vllm_ports: list[int] = Field(
+        default_factory=lambda: [8001, 8002],
+        description="bluegreen: the two ports the daemon alternates its servers on.")
 
 
 class RouterSettings(_Section):
@@ -133,6 +144,9 @@ class RouterSettings(_Section):
         default_factory=list, description="Glob patterns of senders that always escalate."
     )
     draft_min_confidence: float = Field(0.0, ge=0.0, le=1.0)
+    draft_min_token_logprob: float | None = Field(
+        None, le=0.0, description="Escalate a draft whose least likely token has a lower "
+        "log-probability (e.g. -4.6 = 1%); unset: not checked.")
 
 
 PRICES_PER_MTOK = {

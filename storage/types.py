@@ -69,6 +69,8 @@ class Draft:
     confidence: float | None = None           # e.g. mean token probability
     model_version: str | None = None
     latency_ms: float | None = None
+    mean_logprob: float | None = None         # mean log p of the generated tokens
+    min_logprob: float | None = None          # the least likely generated token's log p
 
 
 @dataclass(frozen=True)

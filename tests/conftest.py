@@ -46,6 +46,19 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     return sd
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One OpenMP thread for a module's model tests: decoding a 135M model is thousands of
+    tiny ops, and on a busy 2-core machine a team of two spends most of its time waiting
+    for a descheduled thread (measured 6x slower under shared CI load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     if not DATA.exists():

@@ -1,4 +1,4 @@
-"""`retrain` and `eval`."""
+"""`retrain`, `eval` and `export-drafter`."""
 
 from __future__ import annotations
 
@@ -35,9 +35,8 @@ def retrain(
     app = app_context(ctx)
     db = app.database()
     try:
-        # A records file carries no reply pairs of this database: the drafter step then
-        # has nothing new to learn from, so it runs only for SQL retrains.
-        step = None if data is not None else build_drafter_step(app.settings, db)
+        # The drafter learns from the same source: the records' drafts, or the SQL log.
+        step = build_drafter_step(app.settings, db, records=data)
         r = run_retrain(db, **retrain_kwargs(app.settings), data=data, trigger="manual",
                         timeout_s=timeout, after_classifier=step)
     except StudentError as e:
@@ -100,6 +99,63 @@ def evaluate(
          report, as_json)
 
 
+def export_drafter(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(
+        help="Drafter version (a model_versions row of kind drafter, e.g. dft-20260101-"
+        "120000-3fa9) or the path of a LoRA adapter directory.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Directory to write the merged model to (new, or a previous export "
+        "of the same version).")],
+    dtype: Annotated[str, typer.Option(
+        help="Weights dtype: bfloat16 (default; what vLLM and bf16 CPUs run), float16 or "
+        "float32. The merge itself is done in float32.")] = "bfloat16",
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a drafter version merged into full weights.
+
+    The LoRA adapter is merged into the base model (student.drafter, or the base the
+    version was trained on) and written as a plain safetensors model directory with the
+    tokenizer and chat template: vLLM serves it with LoRA off (blue/green switch) and
+    `Drafter.load(DIR)` loads it, reporting the version.
+    """
+    import json
+
+    from distill.drafter import ADAPTER_META, DrafterError, export_merged
+
+    app = app_context(ctx)
+    st = app.settings.student
+    if dtype not in ("bfloat16", "float16", "float32"):
+        fail(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    path = Path(version)
+    if path.is_dir():
+        adapter, name = path, None
+        meta = path / ADAPTER_META
+        try:
+            info = json.loads(meta.read_text()) if meta.is_file() else {}
+        except ValueError:
+            info = {}
+        base = info.get("base") or st.drafter
+    else:
+        from distill import registry
+
+        row = registry.get_version(app.database(), version)
+        if row is None or row.kind != "drafter":
+            what = f"a {row.kind} version" if row is not None else "not a known version"
+            fail(f"{version!r} is {what} nor an adapter directory: pass a drafter version "
+                 "(`understudy status` shows the active one) or the path of a LoRA adapter")
+        adapter, name, base = Path(row.path), row.version, row.base_model or st.drafter
+    try:
+        merged = export_merged(base, adapter, out, dtype=dtype)
+    except (DrafterError, ValueError) as e:
+        fail(str(e))
+    meta = json.loads((merged / ADAPTER_META).read_text())
+    emit(f"exported {meta.get('version') or name} merged into {base} ({dtype}) to {merged}",
+         {"version": meta.get("version") or name, "base": base, "adapter": str(adapter),
+          "out": str(merged), "dtype": dtype}, as_json)
+
+
 def register(app: typer.Typer) -> None:
     app.command("retrain")(retrain)
     app.command("eval")(evaluate)
+    app.command("export-drafter")(export_drafter)

@@ -8,9 +8,10 @@ import pytest
 
 from agent.audit import audit_output, check, promised_epsilon
 from agent.router import Router, thresholds_of
+from storage.audits import clopper_pearson
 from storage.calls import record_call
 from storage.types import Draft, Email, Triage
-from storage.work import clopper_pearson, record_calls
+from storage.work import record_calls
 
 T = {"category": 0.9, "priority": 0.8, "needs_reply": 0.85}
 
@@ -53,6 +54,28 @@ def test_draft_confidence_and_missing_draft():
     # With drafting off the student decides reply-needing mail without a draft.
     off = Router(draft_min_confidence=0.5, drafting=False)
     assert not off.needs_draft(t) and not off.route(_email(), t, None, T).escalate
+
+
+def test_draft_with_one_unsure_token_escalates_when_the_floor_is_set():
+    t = _triage(needs_reply=True)
+    fluent = Draft("Your card ships Monday.", confidence=0.9, mean_logprob=-0.1,
+                   min_logprob=-0.5)
+    guessed = Draft("Your refund of 89.90 EUR ...", confidence=0.9, mean_logprob=-0.1,
+                    min_logprob=-6.0)
+    floor = Router(draft_min_token_logprob=-4.6)
+    assert not floor.route(_email(), t, fluent, T).escalate
+    assert floor.route(_email(), t, guessed, T).reasons == ("unsure_token:draft",)
+    # A backend that reports no token log-probabilities cannot clear a floor.
+    assert floor.route(_email(), t, Draft("Hi", confidence=0.9), T).reasons == (
+        "unsure_token:draft",)
+    # Unset (the default), the minimum is not checked.
+    assert not Router().route(_email(), t, guessed, T).escalate
+    # The daemon's router takes the floor from the config.
+    from agent.build import build_router
+    from config.settings import Settings
+
+    built = build_router(Settings.model_validate({"router": {"draft_min_token_logprob": -4.6}}))
+    assert built.route(_email(), t, guessed, T).reasons == ("unsure_token:draft",)
 
 
 def test_rules_force_escalation():
