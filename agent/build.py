@@ -193,7 +193,8 @@ def vllm_drafter_loader(settings: Settings, closers: list[Callable[[], Any]] | N
                     sw = BlueGreen(base=st.drafter, ports=st.vllm_ports,
                                    host=urlparse(st.vllm_url).hostname or "127.0.0.1",
                                    run_dir=Path(settings.state_dir) / "vllm",
-                                   dtype="bfloat16" if fast else "float32")
+                                   dtype="bfloat16" if fast else "float32",
+                                   start_timeout_s=st.vllm_start_timeout_s)
                     if closers is not None:
                         closers.append(sw.close)
                 else:

