@@ -45,7 +45,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from pathlib import Path
 import httpx
 import structlog
 
-from distill.serving import ServingError, Target
+from distill.serving import InFlight, ServingError, Target
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +139,7 @@ class BlueGreen:
         self._cond = threading.Condition()
         self._current: Server | None = None
         self._starting: Server | None = None
-        self._inflight: Counter[str] = Counter()    # base_url -> requests in flight
+        self._inflight = InFlight(self._cond)      # base_url -> requests in flight
         self._wanted: tuple[str | None, str | None] | None = None
         self._thread: threading.Thread | None = None
         self._switch_lock = threading.Lock()        # one switch at a time
@@ -173,25 +172,20 @@ class BlueGreen:
             if srv is None:
                 raise ServingError(f"no vLLM drafter server is running "
                                    f"({self.last_error or 'not started'})")
-            self._inflight[srv.base_url] += 1
+            self._inflight.add(srv.base_url)
         if not srv.alive() and not self._closed:
             self._restart_dead(srv)
         return Target(srv.base_url, srv.name)
 
     def release(self, target: Target) -> None:
-        with self._cond:
-            self._inflight[target.base_url] -= 1
-            if self._inflight[target.base_url] <= 0:
-                del self._inflight[target.base_url]
-                self._cond.notify_all()
+        self._inflight.done(target.base_url)
 
     def recover(self, target: Target, missing: bool) -> bool:
         with self._cond:
             return self._current is not None and self._current.base_url != target.base_url
 
     def inflight(self, base_url: str) -> int:
-        with self._cond:
-            return self._inflight[base_url]
+        return self._inflight[base_url]
 
     # ---- promotion -------------------------------------------------------------------
     def promote(self, version: str | None, path: str | Path | None, *,
@@ -349,16 +343,10 @@ class BlueGreen:
                                             for m in r.json().get("data", []))
 
     def _drain_and_stop(self, old: Server) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        with self._cond:
-            while self._inflight[old.base_url] > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("requests still running on the old vLLM server after the drain "
-                                "timeout; stopping it anyway (they are retried on the new one)",
-                                url=old.base_url, inflight=self._inflight[old.base_url])
-                    break
-                self._cond.wait(left)
+        if not self._inflight.wait_idle(old.base_url, self.drain_timeout_s):
+            log.warning("requests still running on the old vLLM server after the drain "
+                        "timeout; stopping it anyway (they are retried on the new one)",
+                        url=old.base_url, inflight=self._inflight[old.base_url])
         self._stop(old)
 
     def _stop(self, srv: Server) -> None:

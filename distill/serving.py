@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +275,44 @@ def unload_adapter(base_url: str, name: str, *, timeout_s: float = 60.0) -> None
 
 # ---- "adapter" switch ---------------------------------------------------------------------
 
+class InFlight:
+    """Requests in flight per key (an adapter name, a server URL), so that a retired target
+    is dropped only after its last request finished. ``cond`` is the owner's condition
+    (re-entrant): its other state changes under the same lock."""
+
+    def __init__(self, cond: threading.Condition):
+        self._cond = cond
+        self._n: Counter[str] = Counter()
+
+    def __getitem__(self, key: str) -> int:
+        with self._cond:
+            return self._n[key]
+
+    def add(self, key: str) -> None:
+        with self._cond:
+            self._n[key] += 1
+
+    def done(self, key: str) -> None:
+        with self._cond:
+            self._n[key] -= 1
+            if self._n[key] <= 0:
+                del self._n[key]
+                self._cond.notify_all()
+
+    def wait_idle(self, key: str, timeout_s: float, *,
+                  still: Callable[[], bool] = lambda: True) -> bool:
+        """Wait until no request runs on ``key`` (or ``still()`` turns false); False when
+        requests were still running after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._n[key] > 0 and still():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
 class AdapterSwitch:
     """Versioned adapters on one running server (``student.vllm_switch = "adapter"``).
 
@@ -297,7 +335,7 @@ class AdapterSwitch:
         self._admin = threading.Lock()         # loads and unloads, one at a time
         self._current = base_model
         self._paths: dict[str, Path] = {}      # adapter name -> its directory
-        self._inflight: Counter[str] = Counter()
+        self._inflight = InFlight(self._cond)
         self._retiring: set[str] = set()
         self._drains: list[threading.Thread] = []
 
@@ -306,8 +344,7 @@ class AdapterSwitch:
         return self._current
 
     def inflight(self, name: str) -> int:
-        with self._cond:
-            return self._inflight[name]
+        return self._inflight[name]
 
     def promote(self, version: str | None, path: str | Path | None) -> str:
         """Serve ``version`` (the adapter at ``path``) to new requests; returns its name."""
@@ -343,15 +380,11 @@ class AdapterSwitch:
     def acquire(self) -> Target:
         with self._cond:
             name = self._current
-            self._inflight[name] += 1
+            self._inflight.add(name)
         return Target(self.base_url, name)
 
     def release(self, target: Target) -> None:
-        with self._cond:
-            self._inflight[target.model] -= 1
-            if self._inflight[target.model] <= 0:
-                del self._inflight[target.model]
-                self._cond.notify_all()
+        self._inflight.done(target.model)
 
     def recover(self, target: Target, missing: bool) -> bool:
         """True when retrying the failed request may work: its adapter was retired (the
@@ -380,16 +413,11 @@ class AdapterSwitch:
         return not any(t.is_alive() for t in self._drains)
 
     def _drain(self, name: str) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        with self._cond:
-            while self._inflight[name] > 0 and name in self._retiring:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("requests still running on a retired vLLM adapter after the "
-                                "drain timeout; unloading it anyway", name=name,
-                                inflight=self._inflight[name], timeout_s=self.drain_timeout_s)
-                    break
-                self._cond.wait(left)
+        if not self._inflight.wait_idle(name, self.drain_timeout_s,
+                                        still=lambda: name in self._retiring):
+            log.warning("requests still running on a retired vLLM adapter after the drain "
+                        "timeout; unloading it anyway", name=name,
+                        inflight=self._inflight[name], timeout_s=self.drain_timeout_s)
         with self._admin:
             with self._cond:
                 if name not in self._retiring:      # promoted again meanwhile
