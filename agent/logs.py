@@ -71,9 +71,24 @@ def redact(_logger: Any, _method: str, event_dict: dict) -> dict:
             for k, v in event_dict.items()}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was at
+    configuration: a harness that swaps it (pytest's capture, then closing the swapped
+    stream) must not leave the handler writing to a closed file."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(json: bool = False, level: str = "info", stream=None) -> None:
-    """Configure structlog and the stdlib root logger once for the process."""
-    stream = stream or sys.stderr
+    """Configure structlog and the stdlib root logger once for the process.
+
+    ``stream``: where records go; default: the process's stderr at each record."""
     lvl = getattr(logging, level.upper(), logging.INFO)
     pre_chain = [
         structlog.contextvars.merge_contextvars,
@@ -94,7 +109,7 @@ def configure_logging(json: bool = False, level: str = "info", stream=None) -> N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact, renderer],
         foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,

@@ -66,3 +66,18 @@ def test_registered_secret_values_are_masked_anywhere():
     structlog.get_logger().info("weird", note="the pw is plain-value-no-pattern-42 ok")
     assert "plain-value-no-pattern-42" not in buf.getvalue()
     assert "***" in buf.getvalue()
+
+
+def test_the_default_handler_follows_a_swapped_stderr_and_survives_it_closing(monkeypatch):
+    import sys
+
+    configure_logging(json=True)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    structlog.get_logger("t").info("one", api_key="sk-ant-secret-1234567890")
+    first_text = first.getvalue()
+    first.close()                                    # what a test harness does to its capture
+    monkeypatch.setattr(sys, "stderr", second)
+    structlog.get_logger("t").info("two")
+    assert '"one"' in first_text and "sk-ant-secret" not in first_text
+    assert '"two"' in second.getvalue() and '"one"' not in second.getvalue()
