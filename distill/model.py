@@ -65,6 +65,10 @@ _BF16: bool | None = None
 
 
 def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-bf16: where bf16 autocast (the encoder) and bf16 weights (the
+    drafter) are taken to beat fp32. Measured: encoder autocast on AMX (~3x) and on an
+    AVX512-bf16 EPYC without AMX (2.4x inference, 1.3x training); drafter bf16 weights on
+    AMX; on a CPU with neither, bf16 was 1.5x slower than fp32 for the drafter."""
     global _BF16
     if _BF16 is None:
         try:
