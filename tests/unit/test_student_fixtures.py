@@ -66,5 +66,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     return tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
 
 
+# freeze_layers=0: the tiny encoder is random, so there is nothing pretrained to keep
+# (the frozen-bottom path has its own tests in test_student_train.py).
 FAST = dict(epochs=12, learning_rate=2e-3, head_lr_mult=1.0, batch_size=16, patience=12,
-            warmup_fraction=0.05, num_threads=1, progress=False)
+            warmup_fraction=0.05, num_threads=1, progress=False, freeze_layers=0)

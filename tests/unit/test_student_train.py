@@ -70,3 +70,54 @@ def test_eval_output_has_every_field(trained):
     assert set(r["coverage_at_risk"]) == {"0.01", "0.02", "0.05"}
     assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_ms_p99"] >= r["latency_ms_p50"] > 0
     assert {"priority", "needs_reply"} <= set(r["heads"])
+
+
+def test_frozen_bottom_split_forward_matches_the_full_forward(tiny_encoder_dir):  # noqa: F811
+    import torch
+
+    from distill.data import pad
+    from distill.model import StudentModel
+
+    m = StudentModel.from_encoder(str(tiny_encoder_dir), {"category": 4, "priority": 3,
+                                                          "needs_reply": 2})
+    assert m.freeze_bottom(5) == 1          # capped: at least one block always trains
+    assert not any(p.requires_grad for p in m.encoder.embeddings.parameters())
+    assert all(p.requires_grad for p in m.blocks()[1].parameters())
+    m.train()
+    assert not m.blocks()[0].training and m.blocks()[1].training
+    m.eval()
+    ids, mask = pad([[101, 2023, 2003, 102], [101, 2023, 102], [101, 7592, 2088, 999, 2, 102]], 0)
+    full = m(ids, mask)
+    split = m.top(m.bottom(ids, mask, 1), mask, 1)
+    for h in full:
+        assert torch.allclose(full[h], split[h], atol=1e-5)
+
+
+def test_training_with_a_frozen_bottom_leaves_it_untouched_and_caching_changes_nothing(
+        tmp_path, tiny_encoder_dir):  # noqa: F811
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    train_ex = read_records_file(write_jsonl(tmp_path / "tr.jsonl", synthetic_records(120, 1)))
+    val_ex = read_records_file(write_jsonl(tmp_path / "va.jsonl", synthetic_records(45, 2)))
+    labels = LabelSpace.build(["billing", "technical", "account"], ["normal", "high"], train_ex)
+    write_examples(tmp_path / "train.jsonl", train_ex)
+    write_examples(tmp_path / "val.jsonl", val_ex)
+    base = {**FAST, "epochs": 3, "encoder": str(tiny_encoder_dir), "labels": labels.to_dict(),
+            "train_path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
+            "device": "cpu", "freeze_layers": 1}
+    cached = train({**base, "out_dir": str(tmp_path / "cached"), "cache_frozen": True})
+    plain = train({**base, "out_dir": str(tmp_path / "plain"), "cache_frozen": False})
+    # The cache is an optimisation only: same seed, same losses, same model.
+    for a, b in zip(cached["history"], plain["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    orig = AutoModel.from_pretrained(str(tiny_encoder_dir)).state_dict()
+    w = load_file(str(tmp_path / "cached" / "model.safetensors"))
+    for k, v in orig.items():
+        saved = w[f"encoder.{k}"]
+        if k.startswith(("embeddings.", "encoder.layer.0.")):
+            assert torch.equal(saved, v), k            # frozen: bit for bit the pretrained
+    moved = [k for k in orig if k.startswith("encoder.layer.1.")
+             and not torch.equal(w[f"encoder.{k}"], orig[k])]
+    assert moved, "the top block should have trained"
