@@ -33,6 +33,7 @@ from distill.data import LabelSpace, read_records_file, time_split, write_exampl
 from distill.errors import DatasetError
 from distill.evaluate import metrics_from_probs
 from distill.gate import gate
+from distill.thresholds import calibration_size
 from storage.datasets import TrainingExample, training_examples
 from storage.models import TrainingRun
 
@@ -102,7 +103,11 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     # Oldest -> train, then validation (early stopping, calibration, thresholds), newest
     # -> held-out (the gate compares candidate and active model there, neither trained on it).
     rest, holdout = time_split(examples, holdout_fraction, min_val=5)
-    train_ex, val_ex = time_split(rest, val_fraction / (1 - holdout_fraction), min_val=5)
+    # Enough calibration data to certify target_risk at all (149 at 2%/95%): at least twice
+    # that, at most 30% of the labels; 10% once there are ~3,000 of them.
+    n_val = calibration_size(len(examples), epsilon=target_risk,
+                             delta=1.0 - confidence_level, fraction=val_fraction)
+    train_ex, val_ex = time_split(rest, min(0.5, n_val / len(rest)), min_val=5)
     labels = LabelSpace.build(categories, priorities, examples)
     version = registry.new_version("classifier")
     out_dir = registry.version_dir(state_dir, version)

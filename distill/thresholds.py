@@ -77,6 +77,30 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     return best
 
 
+def min_certifiable(epsilon: float, delta: float) -> int:
+    """The fewest handled examples that can certify ``epsilon`` at all (zero errors).
+
+    >>> min_certifiable(0.02, 0.05)
+    149
+    """
+    return int(np.ceil(np.log(delta) / np.log1p(-epsilon)))
+
+
+def calibration_size(n_total: int, *, epsilon: float, delta: float, fraction: float = 0.1,
+                     cap: float = 0.3) -> int:
+    """How many of ``n_total`` labelled examples to set aside for calibration.
+
+    ``fraction`` of them, but at least twice :func:`min_certifiable` (so that a threshold
+    covering about half of them can be certified), and never more than ``cap`` of the data:
+    with 1,000 labels and epsilon 2%, a 10% split (100) could never certify anything.
+
+    >>> [calibration_size(n, epsilon=0.02, delta=0.05) for n in (1000, 10000)]
+    [298, 1000]
+    """
+    want = max(round(n_total * fraction), 2 * min_certifiable(epsilon, delta))
+    return max(1, min(want, round(n_total * cap)))
+
+
 def coverage_at_risk(confidence, correct, risk: float) -> float:
     """Hindsight coverage: the largest fraction handled with empirical risk <= ``risk``."""
     conf = np.asarray(confidence, dtype=float)

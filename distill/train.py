@@ -35,7 +35,8 @@ DEFAULTS = dict(
     label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, progress=True,
-    max_seconds=0.0, freeze_layers=4, cache_frozen=True, cache_max_mb=2048,
+    max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=4, cache_frozen=True,
+    cache_max_mb=2048,
 )
 
 
@@ -86,7 +87,15 @@ def train(run: dict) -> dict:
          {"params": head_params, "lr": cfg["learning_rate"] * cfg["head_lr_mult"]}],
         weight_decay=cfg["weight_decay"], fused=device.type in ("cpu", "cuda"))
     steps_per_epoch = math.ceil(len(tr) / cfg["batch_size"])
-    total = steps_per_epoch * cfg["epochs"]
+    # Small data (the first retrains, a few labels per category) needs more passes: at
+    # least min_steps optimizer steps, at most max_epochs; early stopping still decides.
+    epochs = max(cfg["epochs"], min(cfg["max_epochs"], math.ceil(cfg["min_steps"]
+                                                                 / steps_per_epoch)))
+    patience = max(cfg["patience"], round(epochs * cfg["patience"] / max(1, cfg["epochs"])))
+    if epochs > cfg["epochs"]:
+        log(cfg, f"{len(tr)} examples: {epochs} epochs (min_steps {cfg['min_steps']}), "
+                 f"patience {patience}")
+    total = steps_per_epoch * epochs
     warmup = max(1, int(total * cfg["warmup_fraction"]))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
@@ -96,10 +105,10 @@ def train(run: dict) -> dict:
     lengths = [len(s) for s in tr.ids]
     best = {"score": -1.0, "state": None, "epoch": 0}
     history, bad_epochs, step = [], 0, 0
-    for epoch in range(1, cfg["epochs"] + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         batches = list(bucketed_batches(lengths, cfg["batch_size"], True, rng))
-        bar = _bar(batches, cfg, f"epoch {epoch}/{cfg['epochs']}")
+        bar = _bar(batches, cfg, f"epoch {epoch}/{epochs}")
         running = 0.0
         for batch in bar:
             ids, mask = pad([tr.ids[i] for i in batch], tok.pad_token_id)
@@ -139,7 +148,7 @@ def train(run: dict) -> dict:
             bad_epochs = 0
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg["patience"]:
+            if bad_epochs >= patience:
                 log(cfg, f"early stop: no gain for {bad_epochs} epochs")
                 break
         if cfg["max_seconds"] and time.monotonic() - t0 > cfg["max_seconds"]:

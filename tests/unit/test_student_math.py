@@ -10,7 +10,8 @@ from distill.calibrate import ece, fit_temperature
 from distill.data import IGNORE
 from distill.gate import gate
 from distill.losses import class_weights, head_loss
-from distill.thresholds import NEVER, choose_threshold, clopper_pearson_upper, coverage_at_risk
+from distill.thresholds import (NEVER, calibration_size, choose_threshold, clopper_pearson_upper,
+                                coverage_at_risk, min_certifiable)
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
@@ -50,6 +51,23 @@ def test_threshold_refuses_when_nothing_can_be_certified():
     c = np.linspace(0.5, 1.0, 100)
     choice = choose_threshold(c, np.zeros(100, dtype=bool), epsilon=0.02, delta=0.05)
     assert choice.threshold == NEVER and choice.coverage == 0.0
+
+
+def test_calibration_split_is_large_enough_to_certify_epsilon():
+    n_min = min_certifiable(0.02, 0.05)
+    # the smallest zero-error sample whose upper bound clears epsilon, and not one less
+    assert clopper_pearson_upper(0, n_min, 0.05) <= 0.02
+    assert clopper_pearson_upper(0, n_min - 1, 0.05) > 0.02
+    sizes = [calibration_size(n, epsilon=0.02, delta=0.05) for n in (100, 1000, 2000, 10000)]
+    assert sizes == [30, 2 * n_min, 2 * n_min, 1000]        # cap 30%, floor 2*n_min, then 10%
+    # a model right on 99% of its top half certifies 2% with this split, not with 10%
+    rng = np.random.default_rng(0)
+    big = calibration_size(1000, epsilon=0.02, delta=0.05)
+    for n_val, certifies in ((100, False), (big, True)):
+        conf = rng.uniform(0, 1, n_val)
+        correct = np.where(conf > 0.5, np.arange(n_val) % 200 != 0, rng.uniform(size=n_val) < 0.6)
+        choice = choose_threshold(conf, correct, epsilon=0.02, delta=0.05)
+        assert (choice.threshold < 1.0) is certifies, (n_val, choice)
 
 
 def test_clopper_pearson_upper_bound():
