@@ -91,7 +91,9 @@ def train(run: dict) -> dict:
     # least min_steps optimizer steps, at most max_epochs; early stopping still decides.
     epochs = max(cfg["epochs"], min(cfg["max_epochs"], math.ceil(cfg["min_steps"]
                                                                  / steps_per_epoch)))
-    patience = max(cfg["patience"], round(epochs * cfg["patience"] / max(1, cfg["epochs"])))
+    # Patience grows with the epochs (defaults: 2 of 5, so 10 of 24), at most half of them.
+    patience = max(cfg["patience"], min(round(epochs * cfg["patience"] / cfg["epochs"]),
+                                        math.ceil(epochs / 2)))
     if epochs > cfg["epochs"]:
         log(cfg, f"{len(tr)} examples: {epochs} epochs (min_steps {cfg['min_steps']}), "
                  f"patience {patience}")
