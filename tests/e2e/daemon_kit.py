@@ -41,11 +41,15 @@ DESCRIPTIONS = {c: c.replace("_", " ") for c in INTENTS}
 N_TRAIN, N_VAL = 30, 40
 
 
-def bank() -> dict[str, list[str]]:
+def _require_data() -> None:
     if not DATA.exists():
         import pytest
 
         pytest.skip(f"Banking77 not found at {DATA} (shared/ must sit beside the checkout)")
+
+
+def bank() -> dict[str, list[str]]:
+    _require_data()
     by: dict[str, list[str]] = {}
     with DATA.open(newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
@@ -112,6 +116,7 @@ def train_tiny_student(out_root: Path | None = None, *, epochs: int = 4) -> Path
     from distill.train import train
     from storage.datasets import TrainingExample
 
+    _require_data()   # the cache key reads the data file
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
         "understudy" / "test-students"
     out = (out_root or cache) / f"clf-e2e-{_cache_key()}"
