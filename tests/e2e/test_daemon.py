@@ -330,7 +330,7 @@ def test_scheduled_retrain_promotes_and_hot_reloads_then_rejects_a_worse_one(
         dovecot=dovecot, messages_api=messages_api, database_url=sqlite_url,
         scheduler={"enabled": True, "retrain_cron": "* * * * *", "min_new_examples": 60},
         student={"epochs": 1, "max_input_tokens": 32},
-        # 100 cold-start labels leave ~10 validation emails: only a loose promise can be
+        # 100 cold-start labels leave ~18 validation emails: only a loose promise can be
         # certified on so few, so the new student may still escalate much of the mail.
         router={"target_risk": 0.1, "confidence_level": 0.6, "audit_fraction": 0.0}))
     d = DaemonProc(cfg, tmp_path / "daemon.log").start()
