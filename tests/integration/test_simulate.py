@@ -92,7 +92,9 @@ def test_cost_accounting_is_monotone_and_consistent(replay):
         prev_b, prev_o = w["blended_usd"], w["teacher_only_usd"]
     assert prev_b == pytest.approx(c["blended_usd"], abs=1e-6)
     assert prev_o == pytest.approx(c["teacher_only_usd"], abs=1e-6)
-    assert c["ratio"] == pytest.approx(c["blended_usd"] / c["teacher_only_usd"])
+    # The dollar figures are rounded to micro-dollars, the ratio is not: a few cents of
+    # spend leave a relative difference of ~1e-6 between the two.
+    assert c["ratio"] == pytest.approx(c["blended_usd"] / c["teacher_only_usd"], rel=1e-4)
     calls = [p["teacher_calls"] for p in r["curve"]]
     assert calls == sorted(calls)
     assert sum(w["student"] + w["teacher"] for w in r["windows"]) == r["n_stream"]
