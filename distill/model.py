@@ -115,14 +115,14 @@ class StudentModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        # Mean pooling is what all-MiniLM-L6-v2 was trained with; CLS is much worse here.
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _mean_pool(out.last_hidden_state, attention_mask)
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.dropout(self.embed(input_ids, attention_mask))
+        return self._heads(self.embed(input_ids, attention_mask))
+
+    def _heads(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.dropout(pooled)
         return {h: head(pooled).float() for h, head in self.heads.items()}
 
     # ---- a frozen bottom, computed once (training speed on CPUs) ------------------------
@@ -185,9 +185,13 @@ class StudentModel(nn.Module):
         encoder (``distill.train`` does, and falls back to the full forward if not).
         """
         hidden = self._run_blocks(hidden, attention_mask, self.blocks()[k:])
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = self.dropout((hidden * m).sum(1) / m.sum(1).clamp(min=1.0))
-        return {h: head(pooled).float() for h, head in self.heads.items()}
+        return self._heads(_mean_pool(hidden, attention_mask))
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # Mean pooling is what all-MiniLM-L6-v2 was trained with; CLS is much worse here.
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 @torch.inference_mode()
