@@ -124,6 +124,12 @@ class StudentSettings(_Section):
         "frozen in training; their output is computed once, so each step runs only the top "
         "(MiniLM-L6: 4 of 6 frozen, a training step ~4x cheaper on a CPU, same accuracy on "
         "Banking77). 0 fine-tunes the whole encoder.")
+    validation_split: Literal["auto", "time", "stable"] = Field(
+        "auto", description="How retrain picks its validation and held-out examples: the "
+        "newest (time), or by a hash of the message id (stable). auto: time for a records "
+        "file, stable for the SQL log, whose labels are the mail the active student escalated "
+        "(the newest of them are hard mail only: calibrating and gating on them certifies "
+        "nothing and rejects every candidate).")
     seed: int = 0
     drafter_retrain: bool = Field(True, description="Retrain the drafter's LoRA with each retrain.")
     drafter_min_pairs: int = Field(100, ge=1, description="Reply pairs needed to train it.")

@@ -2,10 +2,12 @@
 
 >>> ex = read_records_file(Path("teacher.jsonl"))            # doctest: +SKIP
 >>> train, val = time_split(ex, val_fraction=0.1)             # newest 10% -> val
+>>> train, val = stable_split(ex, val_fraction=0.1)           # 10% by a hash of the id
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -138,6 +140,34 @@ def time_split(examples: Sequence[TrainingExample], val_fraction: float,
         raise DatasetError(f"{len(examples)} examples are too few to split off {n_val} for "
                            "validation; label more mail first")
     return list(examples[:-n_val]), list(examples[-n_val:])
+
+
+def stable_split(examples: Sequence[TrainingExample], val_fraction: float,
+                 min_val: int = 1, salt: str = "val") -> tuple[list, list]:
+    """Split by a hash of each example's id, order kept: the same id always falls on the
+    same side for a given fraction and salt, whenever and however often it is asked.
+
+    The SQL log's labels are chosen by the active student (the teacher labels only what it
+    escalates, plus a small audit sample), so its newest slice is the mail the student found
+    hard. A time split would then calibrate and gate every later candidate on hard mail
+    alone, certify nothing and reject it; a hash split samples every period of the log, the
+    cold-start labels and audits included. With a fixed fraction (the held-out slice) an
+    email once held out stays held out, so no model, the active one included, trains on it.
+    """
+    if len(examples) - min_val < 1:
+        raise DatasetError(f"{len(examples)} examples are too few to split off {min_val} "
+                           "for validation; label more mail first")
+    cut = val_fraction * 2.0 ** 64
+    held = {i for i, e in enumerate(examples) if _unit_hash(salt, e.id) < cut}
+    if len(held) < min_val or len(held) == len(examples):
+        order = sorted(range(len(examples)), key=lambda i: _unit_hash(salt, examples[i].id))
+        held = set(order[:min(max(min_val, len(held)), len(examples) - 1)])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def _unit_hash(salt: str, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big")
 
 
 @dataclass

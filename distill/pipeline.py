@@ -1,4 +1,4 @@
-"""Retrain: dataset -> split by time -> train (subprocess) -> evaluate -> gate -> promote.
+"""Retrain: dataset -> split (by time or by id hash) -> train (subprocess) -> evaluate -> gate -> promote.
 
 >>> result = retrain(db, **retrain_kwargs(settings), data=None, trigger="schedule")  # doctest: +SKIP
 >>> result.status, result.version, result.promoted, result.gate_reason              # doctest: +SKIP
@@ -29,7 +29,8 @@ import structlog
 import torch
 
 from distill import registry
-from distill.data import LabelSpace, read_records_file, time_split, write_examples
+from distill.data import (LabelSpace, read_records_file, stable_split, time_split,
+                          write_examples)
 from distill.errors import DatasetError
 from distill.evaluate import metrics_from_probs
 from distill.gate import gate
@@ -67,7 +68,7 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         priorities=list(settings.taxonomy.priorities), encoder=st.encoder,
         max_input_tokens=st.max_input_tokens, batch_size=st.batch_size, epochs=st.epochs,
         learning_rate=st.learning_rate, freeze_layers=st.freeze_layers,
-        min_steps=st.min_steps,
+        min_steps=st.min_steps, split=st.validation_split,
         distill_alpha=st.distill_alpha,
         distill_temperature=st.distill_temperature, gold_weight=st.gold_weight,
         seed=st.seed, device=st.device, target_risk=settings.router.target_risk,
@@ -90,7 +91,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             gold_weight: float = 3.0, seed: int = 0, device: str = "auto",
             target_risk: float = 0.02, confidence_level: float = 0.95,
             agreement_margin: float = 0.0, coverage_margin: float = 0.0,
-            data: Path | None = None, trigger: str = "manual",
+            data: Path | None = None, trigger: str = "manual", split: str = "auto",
             holdout_fraction: float = 0.1, val_fraction: float = 0.1,
             min_examples: int = 20, timeout_s: float | None = None,
             train_overrides: dict | None = None,
@@ -102,14 +103,22 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
         raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "
                            f"{min_examples} are needed: let the teacher label more mail "
                            "or pass --data teacher.jsonl")
-    # Oldest -> train, then validation (early stopping, calibration, thresholds), newest
-    # -> held-out (the gate compares candidate and active model there, neither trained on it).
-    rest, holdout = time_split(examples, holdout_fraction, min_val=5)
+    split = resolve_split(split, data)
+    if split == "time":
+        # Oldest -> train, then validation (early stopping, calibration, thresholds), newest
+        # -> held-out (the gate compares candidate and active model there, neither trained
+        # on it). Right for a records file: a representative sample in arrival order.
+        rest, holdout = time_split(examples, holdout_fraction, min_val=5)
+    else:
+        # The SQL log's labels are what the active student escalated (plus audits): its
+        # newest slice is hard mail only. Hash by id: every period, the same ids held out.
+        rest, holdout = stable_split(examples, holdout_fraction, min_val=5, salt="holdout")
     # Enough calibration data to certify target_risk at all (149 at 2%/95%): at least twice
     # that, at most 30% of the labels; 10% once there are ~3,000 of them.
     n_val = calibration_size(len(examples), epsilon=target_risk,
                              delta=1.0 - confidence_level, fraction=val_fraction)
-    train_ex, val_ex = time_split(rest, min(0.5, n_val / len(rest)), min_val=5)
+    splitter = time_split if split == "time" else stable_split
+    train_ex, val_ex = splitter(rest, min(0.5, n_val / len(rest)), min_val=5)
     labels = LabelSpace.build(categories, priorities, examples)
     version = registry.new_version("classifier")
     out_dir = registry.version_dir(state_dir, version)
@@ -125,8 +134,8 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     with db.session() as s:
         row = TrainingRun(status="running", trigger=trigger, data_source=source,
                           n_examples=len(examples), candidate_version=version,
-                          config={**run_cfg, "n_train": len(train_ex), "n_val": len(val_ex),
-                                  "n_holdout": len(holdout)})
+                          config={**run_cfg, "split": split, "n_train": len(train_ex),
+                                  "n_val": len(val_ex), "n_holdout": len(holdout)})
         s.add(row)
         s.flush()
         run_id = row.id
@@ -188,6 +197,15 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     lg.info("retrain finished", promoted=decision.promote, reason=decision.reason,
             accuracy=cand_m["accuracy"], coverage=cand_m["coverage"])
     return result
+
+
+def resolve_split(split: str, data: Path | None) -> str:
+    """``auto``: by time for a records file, by id hash for the SQL log (see stable_split)."""
+    if split == "auto":
+        return "time" if data is not None else "stable"
+    if split not in ("time", "stable"):
+        raise DatasetError(f"unknown validation split {split!r}: use auto, time or stable")
+    return split
 
 
 def _holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> dict:

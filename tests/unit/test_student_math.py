@@ -135,3 +135,42 @@ def test_records_human_source_is_gold_and_survives_the_training_file(tmp_path):
     p.write_text('{"id": "1", "body": "x"}\n')
     with pytest.raises(DatasetError):
         read_records_file(p)
+
+
+def test_stable_split_samples_every_period_and_keeps_held_out_ids_held_out():
+    from distill.data import stable_split, time_split
+    from distill.errors import DatasetError
+    from distill.pipeline import resolve_split
+    from storage.datasets import TrainingExample
+
+    # A SQL log after a first student: 1,000 cold-start labels (easy and hard mail alike),
+    # then 2,000 labels of escalated (hard) mail. The newest 10% are escalations only.
+    ex = [TrainingExample(id=str(i), subject="", body=f"m{i}",
+                          category="hard" if i >= 1000 else ("hard" if i % 4 == 0 else "easy"))
+          for i in range(3000)]
+    _, newest = time_split(ex, 0.1)
+    assert {e.category for e in newest} == {"hard"}
+    rest, held = stable_split(ex, 0.1, salt="holdout")
+    assert 240 <= len(held) <= 360 and len(rest) + len(held) == 3000
+    assert rest == [e for e in ex if e not in held]                 # order kept, disjoint
+    easy_share = sum(e.category == "easy" for e in held) / len(held)
+    assert 0.15 < easy_share < 0.35                                 # 25% of the whole log
+    early = sum(int(e.id) < 1000 for e in held) / len(held)
+    assert 0.25 < early < 0.42                                      # a third of the log
+    # The log grows: every example held out before is still held out, none moves in
+    # from the training side (so the active model never trained on the gate's slice).
+    more = ex + [TrainingExample(id=str(i), subject="", body=f"m{i}", category="hard")
+                 for i in range(3000, 4000)]
+    rest2, held2 = stable_split(more, 0.1, salt="holdout")
+    ids1, ids2 = {e.id for e in held}, {e.id for e in held2}
+    assert ids1 <= ids2 and not ({e.id for e in rest} & (ids2 - ids1))
+    # Another salt draws an independent slice; too few examples are refused.
+    _, other = stable_split(ex, 0.1, salt="val")
+    assert len(ids1 & {e.id for e in other}) < 0.25 * len(held)
+    assert len(stable_split(ex[:20], 0.01, min_val=5)[1]) == 5
+    with pytest.raises(DatasetError):
+        stable_split(ex[:5], 0.1, min_val=5)
+    assert resolve_split("auto", None) == "stable" and resolve_split("auto", "f.jsonl") == "time"
+    assert resolve_split("time", None) == "time"
+    with pytest.raises(DatasetError):
+        resolve_split("random", None)
