@@ -23,8 +23,9 @@ def retrain(
 ) -> None:
     """Train a new student from the SQL log (or --data F.jsonl), gate it and promote it.
 
-    The newest 10% of examples are held out: candidate and active model are compared
-    there, and the candidate is promoted only if no worse on agreement and on coverage at
+    10% of the examples are held out (from --data: the newest; from the SQL log: by a
+    stable hash of the message id, see student.validation_split): candidate and active
+    model are compared there, and the candidate is promoted only if no worse on agreement and on coverage at
     the target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin).
     """
     from agent.build import build_drafter_step
