@@ -34,7 +34,8 @@ def _example_from_record(r: dict, line: int) -> TrainingExample:
         category_probs={str(k): float(v) for k, v in probs.items()} if probs else None,
         priority=r.get("priority") or None, needs_reply=nr if isinstance(nr, bool) else None,
         gold=bool(r.get("gold", False)) or r.get("source") == "human",
-        source=str(r.get("source") or "records"))
+        source=str(r.get("source") or "records"),
+        representative=bool(r.get("representative", True)))
 
 
 def read_records_file(path: Path) -> list[TrainingExample]:

@@ -34,7 +34,7 @@ from distill.data import (LabelSpace, read_records_file, stable_split, time_spli
 from distill.errors import DatasetError
 from distill.evaluate import metrics_from_probs
 from distill.gate import gate
-from distill.thresholds import calibration_size
+from distill.thresholds import calibration_size, min_certifiable
 from storage.datasets import TrainingExample, training_examples
 from storage.models import TrainingRun
 
@@ -103,22 +103,13 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
         raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "
                            f"{min_examples} are needed: let the teacher label more mail "
                            "or pass --data teacher.jsonl")
-    split = resolve_split(split, data)
-    if split == "time":
-        # Oldest -> train, then validation (early stopping, calibration, thresholds), newest
-        # -> held-out (the gate compares candidate and active model there, neither trained
-        # on it). Right for a records file: a representative sample in arrival order.
-        rest, holdout = time_split(examples, holdout_fraction, min_val=5)
-    else:
-        # The SQL log's labels are what the active student escalated (plus audits): its
-        # newest slice is hard mail only. Hash by id: every period, the same ids held out.
-        rest, holdout = stable_split(examples, holdout_fraction, min_val=5, salt="holdout")
     # Enough calibration data to certify target_risk reliably (149 examples with no error
     # certify 2% at 95%): six times that, at most 30% of the labels, 10% past ~9,000.
     n_val = calibration_size(len(examples), epsilon=target_risk,
                              delta=1.0 - confidence_level, fraction=val_fraction)
-    splitter = time_split if split == "time" else stable_split
-    train_ex, val_ex = splitter(rest, min(0.5, n_val / len(rest)), min_val=5)
+    train_ex, val_ex, holdout, split = split_examples(
+        examples, resolve_split(split, data), holdout_fraction=holdout_fraction, n_val=n_val,
+        min_pool_val=2 * min_certifiable(target_risk, 1.0 - confidence_level))
     labels = LabelSpace.build(categories, priorities, examples)
     version = registry.new_version("classifier")
     out_dir = registry.version_dir(state_dir, version)
@@ -197,6 +188,42 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     lg.info("retrain finished", promoted=decision.promote, reason=decision.reason,
             accuracy=cand_m["accuracy"], coverage=cand_m["coverage"])
     return result
+
+
+def split_examples(examples: Sequence[TrainingExample], split: str, *,
+                   holdout_fraction: float, n_val: int, min_pool_val: int
+                   ) -> tuple[list, list, list, str]:
+    """(train, validation, held-out, how) for a resolved ``split`` (time | stable).
+
+    ``time``: oldest -> train, then validation (early stopping, calibration, thresholds),
+    newest -> held-out (the gate compares candidate and active model there). Right for a
+    records file, a representative sample in arrival order.
+
+    ``stable``, for the SQL log: once a student handles mail alone, the teacher labels only
+    what it escalates (the hard mail) plus audits of what it handled (the easy mail), so no
+    slice of the recent labels looks like arriving mail. Validation and held-out examples
+    are then drawn, by a stable hash of the id, from the *representative* labels (made while
+    no student could handle mail alone: the cold start), as soon as they can give at least
+    ``min_pool_val`` validation examples; the selected labels all go to training, where the
+    hard mail helps most. Before that (or with no selected labels) the whole log is split by
+    hash. Either way an id held out once stays held out, so the active model never trained
+    on the slice it is compared on.
+    """
+    if split == "time":
+        rest, holdout = time_split(examples, holdout_fraction, min_val=5)
+        train, val = time_split(rest, min(0.5, n_val / len(rest)), min_val=5)
+        return train, val, holdout, "time"
+    pool = [e for e in examples if e.representative]
+    if len(pool) < len(examples) and len(pool) > 10:
+        p_rest, p_hold = stable_split(pool, holdout_fraction, min_val=5, salt="holdout")
+        n_pool_val = min(n_val, int(len(p_rest) / 1.5))
+        if n_pool_val >= min_pool_val:
+            _, val = stable_split(p_rest, n_pool_val / len(p_rest), min_val=5, salt="val")
+            held = {e.id for e in val} | {e.id for e in p_hold}
+            return [e for e in examples if e.id not in held], val, p_hold, "stable-representative"
+    rest, holdout = stable_split(examples, holdout_fraction, min_val=5, salt="holdout")
+    train, val = stable_split(rest, min(0.5, n_val / len(rest)), min_val=5, salt="val")
+    return train, val, holdout, "stable"
 
 
 def resolve_split(split: str, data: Path | None) -> str:

@@ -37,6 +37,10 @@ class TrainingExample:
     gold: bool = False
     source: str = "teacher"               # teacher | audit | human | records
     created_at: datetime | None = None
+    # Labelled whatever the student's confidence: no student yet, or one that certified
+    # nothing (every email went to the teacher), or a records file. Escalations chosen by a
+    # confident student's threshold and audits of the mail it handled are not.
+    representative: bool = True
 
     @property
     def text(self) -> str:
@@ -81,6 +85,7 @@ def training_examples(db, *, since: datetime | None = None,
 
     by_message: dict[int, TrainingExample] = {}
     with db.session() as s:
+        selective = _selective_students(s)
         q = (select(ModelCall, Message)
              .join(Message, ModelCall.message_id == Message.id)
              .where(ModelCall.role == "teacher", ModelCall.error.is_(None),
@@ -100,7 +105,9 @@ def training_examples(db, *, since: datetime | None = None,
                 category_probs=soft, priority=out.get("priority"),
                 needs_reply=_bool_or_none(out.get("needs_reply")),
                 source="audit" if call.purpose == "audit" else "teacher",
-                created_at=call.created_at)
+                created_at=call.created_at,
+                representative=(call.purpose != "audit"
+                                and selective.get(msg.id) is not True))
 
         rq = (select(Review, Message).join(Message, Review.message_id == Message.id)
               .where(Review.is_gold.is_(True)).order_by(Review.created_at, Review.id))
@@ -115,13 +122,34 @@ def training_examples(db, *, since: datetime | None = None,
                     continue
                 base = TrainingExample(id=str(msg.id), subject=msg.subject or "",
                                        body=msg.new_text or msg.body_text or "",
-                                       category=fields["category"])
+                                       category=fields["category"], representative=False)
             if "category" in fields and fields["category"] != base.category:
                 base = replace(base, category_probs=None)  # the teacher's soft label was wrong
             by_message[msg.id] = replace(base, **fields, gold=True, source="human",
                                          created_at=review.created_at)
 
     return dedupe_by_text(sorted(by_message.values(), key=_time_key), limit=limit)
+
+
+def _selective_students(s) -> dict[int, bool]:
+    """message id -> whether the student that classified it could handle mail alone (a
+    certified category threshold), i.e. whether its confidence chose what the teacher saw."""
+    from sqlalchemy import select
+    from storage.models import ModelCall, ModelVersion
+
+    can_handle = {}
+    for version, thresholds in s.execute(select(ModelVersion.version, ModelVersion.thresholds)
+                                         .where(ModelVersion.kind == "classifier")):
+        t = ((thresholds or {}).get("category") or {}).get("threshold")
+        can_handle[version] = t is not None and float(t) <= 1.0
+    out: dict[int, bool] = {}
+    q = (select(ModelCall.message_id, ModelCall.model_version)
+         .where(ModelCall.role == "student", ModelCall.purpose == "classify",
+                ModelCall.message_id.is_not(None))
+         .order_by(ModelCall.created_at, ModelCall.id))
+    for message_id, version in s.execute(q):
+        out[message_id] = can_handle.get(version, True)   # unknown version: assume chosen
+    return out
 
 
 def _time_key(e: TrainingExample):

@@ -144,6 +144,56 @@ def check_training_examples(db):
     assert gold.body == "body 2"                                        # new_text fallback
 
 
+def test_representative_labels_and_the_split_that_uses_them(db):
+    """Labels a certified student's confidence chose (escalations, audits) are not a sample
+    of arriving mail; the cold start's are, and calibration and gating are drawn from them."""
+    from distill.pipeline import split_examples
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with db.session() as s:
+        s.add_all([ModelVersion(version="never", path="x", status="retired",
+                                thresholds={"category": {"threshold": 1.01}}),
+                   ModelVersion(version="certified", path="y", status="active",
+                                thresholds={"category": {"threshold": 0.9}})])
+        msgs = [Message(content_hash=f"r{i}", subject="", body_text=f"mail {i}",
+                        new_text=f"mail {i}") for i in range(4)]
+        s.add_all(msgs)
+        s.flush()
+        # 0: no student yet; 1: a student that certified nothing; 2: escalated by a
+        # certified one; 3: handled by it, audited.
+        for m, version in ((msgs[1], "never"), (msgs[2], "certified"), (msgs[3], "certified")):
+            s.add(ModelCall(message_id=m.id, role="student", purpose="classify", model_id="s",
+                            model_version=version, output={}, created_at=t0))
+        for i, m in enumerate(msgs):
+            s.add(ModelCall(message_id=m.id, role="teacher",
+                            purpose="audit" if i == 3 else "label", model_id="t",
+                            output={"category": "billing"},
+                            created_at=t0 + timedelta(minutes=i + 1)))
+    ex = training_examples(db)
+    assert [e.representative for e in ex] == [True, True, False, False]
+
+    # 1,000 cold-start labels, then 3,000 chosen by a certified student.
+    from storage.datasets import TrainingExample
+    many = [TrainingExample(id=str(i), subject="", body=f"m{i}", category="c",
+                            representative=i < 1000) for i in range(4000)]
+    train, val, held, how = split_examples(many, "stable", holdout_fraction=0.1, n_val=600,
+                                           min_pool_val=298)
+    assert how == "stable-representative"
+    assert all(e.representative for e in val + held) and len(val) > 298 and len(held) > 50
+    assert len(train) + len(val) + len(held) == 4000
+    assert sum(not e.representative for e in train) == 3000       # all selected ones train
+    # Too few representative labels to calibrate on: the whole log, by hash.
+    _, val2, held2, how2 = split_examples(many[600:], "stable", holdout_fraction=0.1,
+                                          n_val=600, min_pool_val=298)
+    assert how2 == "stable" and any(not e.representative for e in val2 + held2)
+    # Held-out ids stay held out when the pool mode starts.
+    assert {e.id for e in held2 if e.representative} <= {e.id for e in held}
+    # A records file: by time, newest held out.
+    _, _, held3, how3 = split_examples(many, "time", holdout_fraction=0.1, n_val=600,
+                                       min_pool_val=298)
+    assert how3 == "time" and [e.id for e in held3] == [str(i) for i in range(3600, 4000)]
+
+
 def test_cli_retrain_and_eval(tmp_path, state_dir, monkeypatch, tiny_encoder_dir):  # noqa: F811
     from agent.cli import app
 
