@@ -126,10 +126,10 @@ class StudentSettings(_Section):
         "Banking77). 0 fine-tunes the whole encoder.")
     validation_split: Literal["auto", "time", "stable"] = Field(
         "auto", description="How retrain picks its validation and held-out examples: the "
-        "newest (time), or by a hash of the message id (stable). auto: time for a records "
-        "file, stable for the SQL log, whose labels are the mail the active student escalated "
-        "(the newest of them are hard mail only: calibrating and gating on them certifies "
-        "nothing and rejects every candidate).")
+        "newest (time), or by a hash of the message id from the representative labels, those "
+        "made while no student handled mail alone (stable). auto: time for a records file, "
+        "stable for the SQL log, whose later labels are the mail the student escalated: "
+        "calibrating and gating on them certifies nothing and rejects every candidate.")
     seed: int = 0
     drafter_retrain: bool = Field(True, description="Retrain the drafter's LoRA with each retrain.")
     drafter_min_pairs: int = Field(100, ge=1, description="Reply pairs needed to train it.")
