@@ -1,8 +1,8 @@
 """Promotion gate: a candidate replaces the active model only if it is no worse.
 
 Both are measured on the same held-out slice, never trained on (the newest records of a
-records file; for the SQL log a stable hash sample of every period, see
-``distill.data.stable_split``). "No worse" means agreement with the teacher and coverage at the target risk each
+records file; for the SQL log a stable hash sample of its representative labels, see
+``distill.pipeline.split_examples``). "No worse" means agreement with the teacher and coverage at the target risk each
 drop by at most the configured margins (``scheduler.agreement_margin``,
 ``scheduler.coverage_margin``). The first model always promotes.
 """
