@@ -54,6 +54,12 @@ def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor,
     }
 
 
+def category_targets(clf, examples: Sequence[TrainingExample]) -> torch.Tensor:
+    """The records' categories as the classifier's class indices (-1: not in its taxonomy)."""
+    index = {c: i for i, c in enumerate(clf.labels.category)}
+    return torch.tensor([index.get(e.category, -1) for e in examples])
+
+
 def evaluate(clf, examples: Sequence[TrainingExample], *, latency_sample: int = 200) -> dict:
     """Every figure `understudy eval` prints, for the category head (plus the others when
     the examples carry their labels)."""
@@ -61,8 +67,7 @@ def evaluate(clf, examples: Sequence[TrainingExample], *, latency_sample: int = 
     t0 = time.perf_counter()
     probs = clf.probabilities(texts)
     batch_s = time.perf_counter() - t0
-    index = {c: i for i, c in enumerate(clf.labels.category)}
-    y = torch.tensor([index.get(e.category, -1) for e in examples])
+    y = category_targets(clf, examples)
     report = metrics_from_probs(probs["category"], y, clf.threshold("category"))
     report["unknown_categories"] = int((y < 0).sum())
     heads = {}

@@ -1,4 +1,5 @@
-"""Retrain: dataset -> split (by time or by id hash) -> train (subprocess) -> evaluate -> gate -> promote.
+"""Retrain: dataset -> split (by time or id hash) -> train (subprocess) -> evaluate -> gate ->
+promote.
 
 >>> result = retrain(db, **retrain_kwargs(settings), data=None, trigger="schedule")  # doctest: +SKIP
 >>> result.status, result.version, result.promoted, result.gate_reason              # doctest: +SKIP
@@ -26,13 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import structlog
-import torch
 
 from distill import registry
 from distill.data import (LabelSpace, read_records_file, stable_split, time_split,
                           write_examples)
 from distill.errors import DatasetError
-from distill.evaluate import metrics_from_probs
+from distill.evaluate import category_targets, metrics_from_probs
 from distill.gate import gate
 from distill.thresholds import calibration_size, min_certifiable
 from storage.datasets import TrainingExample, training_examples
@@ -220,7 +220,8 @@ def split_examples(examples: Sequence[TrainingExample], split: str, *,
         if n_pool_val >= min_pool_val:
             _, val = stable_split(p_rest, n_pool_val / len(p_rest), min_val=5, salt="val")
             held = {e.id for e in val} | {e.id for e in p_hold}
-            return [e for e in examples if e.id not in held], val, p_hold, "stable-representative"
+            train = [e for e in examples if e.id not in held]
+            return train, val, p_hold, "stable-representative"
     rest, holdout = stable_split(examples, holdout_fraction, min_val=5, salt="holdout")
     train, val = stable_split(rest, min(0.5, n_val / len(rest)), min_val=5, salt="val")
     return train, val, holdout, "stable"
@@ -237,9 +238,7 @@ def resolve_split(split: str, data: Path | None) -> str:
 
 def _holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> dict:
     probs = clf.probabilities([e.text for e in holdout])["category"]
-    index = {c: i for i, c in enumerate(clf.labels.category)}
-    y = torch.tensor([index.get(e.category, -1) for e in holdout])
-    return metrics_from_probs(probs, y, clf.threshold("category"))
+    return metrics_from_probs(probs, category_targets(clf, holdout), clf.threshold("category"))
 
 
 def _run_training(db, run_id: int, run_json: Path, log_path: Path,
