@@ -146,14 +146,9 @@ def time_split(examples: Sequence[TrainingExample], val_fraction: float,
 def stable_split(examples: Sequence[TrainingExample], val_fraction: float,
                  min_val: int = 1, salt: str = "val") -> tuple[list, list]:
     """Split by a hash of each example's id, order kept: the same id always falls on the
-    same side for a given fraction and salt, whenever and however often it is asked.
-
-    The SQL log's labels are chosen by the active student (the teacher labels only what it
-    escalates, plus a small audit sample), so its newest slice is the mail the student found
-    hard. A time split would then calibrate and gate every later candidate on hard mail
-    alone, certify nothing and reject it; a hash split samples every period of the log, the
-    cold-start labels and audits included. With a fixed fraction (the held-out slice) an
-    email once held out stays held out, so no model, the active one included, trains on it.
+    same side for a given fraction and salt, whenever and however often it is asked, so with
+    a fixed fraction an email once held out stays held out as the log grows (why the SQL log
+    is split this way: ``distill.pipeline.split_examples``).
     """
     if len(examples) - min_val < 1:
         raise DatasetError(f"{len(examples)} examples are too few to split off {min_val} "

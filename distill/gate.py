@@ -2,9 +2,10 @@
 
 Both are measured on the same held-out slice, never trained on (the newest records of a
 records file; for the SQL log a stable hash sample of its representative labels, see
-``distill.pipeline.split_examples``). "No worse" means agreement with the teacher and coverage at the target risk each
-drop by at most the configured margins (``scheduler.agreement_margin``,
-``scheduler.coverage_margin``). The first model always promotes.
+``distill.pipeline.split_examples``). "No worse" means agreement with the teacher and
+coverage at the target risk each drop by at most the configured margins
+(``scheduler.agreement_margin``, ``scheduler.coverage_margin``). The first model always
+promotes.
 """
 
 from __future__ import annotations

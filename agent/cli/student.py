@@ -25,9 +25,9 @@ def retrain(
 
     10% of the examples are held out (from --data: the newest; from the SQL log: by a
     stable hash of the message id, among the labels made while no student handled mail
-    alone; see student.validation_split): candidate and active
-    model are compared there, and the candidate is promoted only if no worse on agreement and on coverage at
-    the target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin).
+    alone; see student.validation_split): candidate and active model are compared there,
+    and the candidate is promoted only if no worse on agreement and on coverage at the
+    target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin).
     """
     from agent.build import build_drafter_step
     from distill.errors import StudentError
