@@ -24,12 +24,12 @@ False
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from email.utils import parseaddr
 from fnmatch import fnmatch
 from typing import Iterable, Mapping
 
+from storage.audits import in_audit_sample
 from storage.types import Draft, Email, Triage
 
 HEADS = ("category", "priority", "needs_reply")
@@ -111,11 +111,8 @@ class Router:
         return Route(False, (), audit=self.sampled_for_audit(email))
 
     def sampled_for_audit(self, email: Email) -> bool:
-        if self.audit_fraction <= 0:
-            return False
-        key = f"{self.audit_salt}|{email.message_id or email.id}".encode()
-        u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64
-        return u < self.audit_fraction
+        return in_audit_sample(email.message_id or email.id, self.audit_fraction,
+                               self.audit_salt)
 
 
 def thresholds_of(stored: Mapping | None) -> dict[str, float]:

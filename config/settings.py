@@ -127,7 +127,8 @@ class StudentSettings(_Section):
     validation_split: Literal["auto", "time", "stable"] = Field(
         "auto", description="How retrain picks its validation and held-out examples: the "
         "newest (time), or by a hash of the message id from the representative labels, those "
-        "made while no student handled mail alone (stable). auto: time for a records file, "
+        "made while no student handled mail alone and those of the audit sample, a hash of "
+        "all arriving mail (stable). auto: time for a records file, "
         "stable for the SQL log, whose later labels are the mail the student escalated: "
         "calibrating and gating on them certifies nothing and rejects every candidate.")
     seed: int = 0
@@ -157,7 +158,11 @@ class StudentSettings(_Section):
 class RouterSettings(_Section):
     target_risk: float = Field(0.02, gt=0.0, lt=1.0, description="epsilon: allowed disagreement.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="1 - delta.")
-    audit_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    audit_fraction: float = Field(
+        0.03, ge=0.0, le=1.0, description="Share of arriving mail in the audit sample (a "
+        "hash of the Message-ID): the teacher labels the sampled emails the student handled, "
+        "in shadow, to measure it; with the sampled ones it escalated they are a sample of "
+        "arriving mail, from which retrain draws calibration and held-out examples.")
     escalate_senders: list[str] = Field(
         default_factory=list, description="Glob patterns of senders that always escalate."
     )

@@ -74,13 +74,15 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         seed=st.seed, device=st.device, target_risk=settings.router.target_risk,
         confidence_level=settings.router.confidence_level,
         agreement_margin=settings.scheduler.agreement_margin,
-        coverage_margin=settings.scheduler.coverage_margin)
+        coverage_margin=settings.scheduler.coverage_margin,
+        audit_fraction=settings.router.audit_fraction)
 
 
-def load_examples(db, data: Path | None) -> tuple[list[TrainingExample], str]:
+def load_examples(db, data: Path | None,
+                  audit_fraction: float = 0.0) -> tuple[list[TrainingExample], str]:
     if data is not None:
         return read_records_file(Path(data)), str(data)
-    return training_examples(db), "sql"
+    return training_examples(db, audit_fraction=audit_fraction), "sql"
 
 
 def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Sequence[str],
@@ -94,11 +96,11 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             data: Path | None = None, trigger: str = "manual", split: str = "auto",
             holdout_fraction: float = 0.1, val_fraction: float = 0.1,
             min_examples: int = 20, timeout_s: float | None = None,
-            train_overrides: dict | None = None,
+            audit_fraction: float = 0.0, train_overrides: dict | None = None,
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
     """Train a candidate, compare it with the active model on held-out mail, maybe promote."""
     t0 = time.monotonic()
-    examples, source = load_examples(db, data)
+    examples, source = load_examples(db, data, audit_fraction)
     if len(examples) < min_examples:
         raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "
                            f"{min_examples} are needed: let the teacher label more mail "
@@ -203,7 +205,8 @@ def split_examples(examples: Sequence[TrainingExample], split: str, *,
     what it escalates (the hard mail) plus audits of what it handled (the easy mail), so no
     slice of the recent labels looks like arriving mail. Validation and held-out examples
     are then drawn, by a stable hash of the id, from the *representative* labels (made while
-    no student could handle mail alone: the cold start), as soon as they can give at least
+    no student could handle mail alone: the cold start; or in the audit sample, a hash of
+    all arriving mail, labelled whatever its route), as soon as they can give at least
     ``min_pool_val`` validation examples; the selected labels all go to training, where the
     hard mail helps most. Before that (or with no selected labels) the whole log is split by
     hash. Either way an id held out once stays held out, so the active model never trained

@@ -8,9 +8,24 @@ Clopper-Pearson interval next to the promise (epsilon) stored with the model.
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import select
 
 from storage.db import Database
+
+
+def in_audit_sample(key: str, fraction: float, salt: str = "") -> bool:
+    """Whether the email with this identity (its Message-ID, else its id) is in the audit
+    sample: a hash, not a coin flip, so a crash and a re-run pick the same emails, and
+    the sample is a uniform draw from *all* arriving mail, whatever the route. The worker
+    audits the sampled emails the student handled; the sampled ones it escalated are
+    labelled anyway, so together they are a sample of arriving mail (datasets uses them
+    for calibration)."""
+    if fraction <= 0:
+        return False
+    u = int.from_bytes(hashlib.sha256(f"{salt}|{key}".encode()).digest()[:8], "big") / 2 ** 64
+    return u < fraction
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

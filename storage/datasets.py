@@ -38,8 +38,9 @@ class TrainingExample:
     source: str = "teacher"               # teacher | audit | human | records
     created_at: datetime | None = None
     # Labelled whatever the student's confidence: no student yet, or one that certified
-    # nothing (every email went to the teacher), or a records file. Escalations chosen by a
-    # confident student's threshold and audits of the mail it handled are not.
+    # nothing (every email went to the teacher), or a records file, or in the audit sample
+    # (a hash of all arriving mail: audited if handled, labelled anyway if escalated).
+    # Other escalations, chosen by a confident student's threshold, are not.
     representative: bool = True
 
     @property
@@ -74,13 +75,19 @@ def _bool_or_none(v: Any) -> bool | None:
     return v if isinstance(v, bool) else None
 
 
-def training_examples(db, *, since: datetime | None = None,
-                      limit: int | None = None) -> list[TrainingExample]:
-    """Every usable labelled email in the database, deduplicated, oldest label first."""
+def training_examples(db, *, since: datetime | None = None, limit: int | None = None,
+                      audit_fraction: float = 0.0) -> list[TrainingExample]:
+    """Every usable labelled email in the database, deduplicated, oldest label first.
+
+    ``audit_fraction`` is the router's: the labelled emails of its audit sample (audits
+    of handled mail and sampled escalations alike) are a uniform sample of arriving mail,
+    so they count as representative next to the labels of the cold start.
+    """
     # Imported here so the training subprocess (and a GPU box) can read TrainingExample
     # without the SQL stack.
     from sqlalchemy import select
 
+    from storage.audits import in_audit_sample
     from storage.models import Message, ModelCall, Review
 
     by_message: dict[int, TrainingExample] = {}
@@ -106,8 +113,9 @@ def training_examples(db, *, since: datetime | None = None,
                 needs_reply=_bool_or_none(out.get("needs_reply")),
                 source="audit" if call.purpose == "audit" else "teacher",
                 created_at=call.created_at,
-                representative=(call.purpose != "audit"
-                                and selective.get(msg.id) is not True))
+                representative=(
+                    (call.purpose != "audit" and selective.get(msg.id) is not True)
+                    or in_audit_sample(msg.message_id or str(msg.id), audit_fraction)))
 
         rq = (select(Review, Message).join(Message, Review.message_id == Message.id)
               .where(Review.is_gold.is_(True)).order_by(Review.created_at, Review.id))

@@ -146,9 +146,18 @@ def check_training_examples(db):
 
 def test_representative_labels_and_the_split_that_uses_them(db):
     """Labels a certified student's confidence chose (escalations, audits) are not a sample
-    of arriving mail; the cold start's are, and calibration and gating are drawn from them."""
+    of arriving mail; the cold start's and the audit sample's are, and calibration and
+    gating are drawn from them."""
     from distill.pipeline import split_examples
 
+    from agent.router import Router
+    from storage.types import Email
+
+    # Message-IDs for 2 and 3 such that the router's 30% audit sample holds 2, not 3.
+    router = Router(audit_fraction=0.3)
+    keys = [f"<k{i}@x>" for i in range(100)]
+    inside = next(k for k in keys if router.sampled_for_audit(Email(id="", message_id=k)))
+    outside = next(k for k in keys if not router.sampled_for_audit(Email(id="", message_id=k)))
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     with db.session() as s:
         s.add_all([ModelVersion(version="never", path="x", status="retired",
@@ -156,7 +165,8 @@ def test_representative_labels_and_the_split_that_uses_them(db):
                    ModelVersion(version="certified", path="y", status="active",
                                 thresholds={"category": {"threshold": 0.9}})])
         msgs = [Message(content_hash=f"r{i}", subject="", body_text=f"mail {i}",
-                        new_text=f"mail {i}") for i in range(4)]
+                        new_text=f"mail {i}", message_id=[None, None, inside, outside][i])
+                for i in range(4)]
         s.add_all(msgs)
         s.flush()
         # 0: no student yet; 1: a student that certified nothing; 2: escalated by a
@@ -171,6 +181,11 @@ def test_representative_labels_and_the_split_that_uses_them(db):
                             created_at=t0 + timedelta(minutes=i + 1)))
     ex = training_examples(db)
     assert [e.representative for e in ex] == [True, True, False, False]
+    # The audit sample is a hash of all arriving mail: its labelled members are a sample of
+    # arriving mail whatever their route. 2 was escalated but is in the sample: it counts.
+    # 3 is outside today's sample (audited under an earlier, larger fraction): it does not.
+    ex = training_examples(db, audit_fraction=0.3)
+    assert [e.representative for e in ex] == [True, True, True, False]
 
     # 1,000 cold-start labels, then 3,000 chosen by a certified student.
     from storage.datasets import TrainingExample
