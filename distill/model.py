@@ -184,13 +184,8 @@ class StudentModel(nn.Module):
         Callers check once that ``top(bottom(x))`` matches ``forward(x)`` for their
         encoder (``distill.train`` does, and falls back to the full forward if not).
         """
-        return self._heads(self.top_embed(hidden, attention_mask, k))
-
-    def top_embed(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                  k: int) -> torch.Tensor:
-        """The pooled embedding (:meth:`embed`) from block ``k``'s output."""
         hidden = self._run_blocks(hidden, attention_mask, self.blocks()[k:])
-        return _mean_pool(hidden, attention_mask)
+        return self._heads(_mean_pool(hidden, attention_mask))
 
 
 def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,7 @@ DEFAULTS = dict(
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=4, cache_frozen=True,
-    cache_max_mb=2048, contrastive_steps=0, contrastive_lr=5e-5, contrastive_temperature=0.05,
-    contrastive_per_class=4,
+    cache_max_mb=2048,
 )
 
 
@@ -80,8 +79,6 @@ def train(run: dict) -> dict:
     # on every step (MiniLM-L6 with 4 of 6 frozen: a step ~4x cheaper on a CPU; README).
     frozen = model.freeze_bottom(cfg["freeze_layers"])
     cache = _bottom_cache(model, tr.ids, tok.pad_token_id, device, cfg) if frozen else None
-    if cfg["contrastive_steps"]:
-        _contrastive(model, tr, cache, frozen, tok.pad_token_id, device, cfg)
     head_params = list(model.heads.parameters())
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     # Fresh heads learn faster than the pretrained encoder may move.
@@ -207,61 +204,6 @@ def train(run: dict) -> dict:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     log(cfg, f"saved {out_dir} in {metrics['train_seconds']:.1f}s")
     return metrics
-
-
-def _contrastive(model, tr, cache, frozen: int, pad_id: int, device: torch.device,
-                 cfg: dict) -> None:
-    """Supervised contrastive warm-up of the encoder on the category labels (SetFit-style).
-
-    Each batch holds ``contrastive_per_class`` examples of each of several categories; the
-    loss pulls same-category embeddings together and pushes the others apart (SupCon,
-    cosine similarity at temperature ``contrastive_temperature``). With few labels per
-    category this shapes the embedding space before the heads are fit to it.
-    """
-    import torch.nn.functional as F
-
-    y = tr.hard["category"].tolist()
-    by_class: dict[int, list[int]] = {}
-    for i, c in enumerate(y):
-        if c != IGNORE:
-            by_class.setdefault(c, []).append(i)
-    classes = [c for c, v in by_class.items() if len(v) >= 2]
-    if len(classes) < 2:
-        log(cfg, "contrastive warm-up skipped: fewer than 2 categories with 2 examples")
-        return
-    k = max(2, int(cfg["contrastive_per_class"]))
-    n_cls = min(len(classes), max(2, 2 * cfg["batch_size"] // k))
-    params = [p for p in model.encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["contrastive_lr"], weight_decay=cfg["weight_decay"])
-    rng = random.Random(cfg["seed"] + 1)
-    steps = int(cfg["contrastive_steps"])
-    model.train()
-    t, total = time.monotonic(), 0.0
-    for step in _bar(range(steps), cfg, "contrastive"):
-        batch = [i for c in rng.sample(classes, n_cls)
-                 for i in rng.sample(by_class[c], min(k, len(by_class[c])))]
-        ids, mask = pad([tr.ids[i] for i in batch], pad_id)
-        with autocast_for(device, cfg["bf16"]):
-            if cache is not None:
-                hidden = _pad_hidden([cache[i] for i in batch], ids.shape[1]).to(device)
-                z = model.top_embed(hidden, mask.to(device), frozen)
-            else:
-                z = model.embed(ids.to(device), mask.to(device))
-        z = F.normalize(z.float(), dim=-1)
-        labels = torch.tensor([y[i] for i in batch], device=device)
-        sim = z @ z.T / cfg["contrastive_temperature"]
-        self_mask = torch.eye(len(batch), dtype=torch.bool, device=device)
-        sim = sim.masked_fill(self_mask, -1e9)
-        pos = (labels[:, None] == labels[None, :]) & ~self_mask
-        log_p = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-        loss = -(log_p * pos).sum(1).div(pos.sum(1).clamp(min=1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        total += loss.item()
-    log(cfg, f"contrastive warm-up: {steps} steps of {len(batch)} examples, mean loss "
-             f"{total / max(1, steps):.4f}, {time.monotonic() - t:.1f}s")
 
 
 def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device,
