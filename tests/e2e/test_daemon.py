@@ -176,8 +176,15 @@ def test_teacher_outage_backlog_grows_then_drains(dovecot, messages_api, sqlite_
                 else None
         # Everything the student handles flows; the escalations wait.
         states = wait_for(settled, 90, every=0.5, what="student mail acted, escalations waiting")
-        snap = _status(cfg)
-        assert snap["escalations_waiting"]["count"] == states["waiting"]
+
+        def snapshot_between_retries():
+            # Each retry pass claims the waiting escalations for a moment (they are
+            # "claimed", not "waiting", until the teacher fails again), so a snapshot can
+            # fall inside one; the next, between passes, must count every one of them.
+            snap = _status(cfg)
+            return snap if snap["escalations_waiting"]["count"] == states["waiting"] else None
+        snap = wait_for(snapshot_between_retries, 60, every=0.5,
+                        what=f"status to count the {states['waiting']} waiting escalations")
         assert snap["messages"]["backlog"] >= states["waiting"]
         assert "529" in (snap["escalations_waiting"]["last_error"] or "") or \
             "overloaded" in (snap["escalations_waiting"]["last_error"] or "").lower() or \
