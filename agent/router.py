@@ -111,7 +111,7 @@ class Router:
         return Route(False, (), audit=self.sampled_for_audit(email))
 
     def sampled_for_audit(self, email: Email) -> bool:
-        return in_audit_sample(email.message_id or email.id, self.audit_fraction,
+        return in_audit_sample(email.message_id, email.id, self.audit_fraction,
                                self.audit_salt)
 
 

@@ -15,16 +15,19 @@ from sqlalchemy import select
 from storage.db import Database
 
 
-def in_audit_sample(key: str, fraction: float, salt: str = "") -> bool:
-    """Whether the email with this identity (its Message-ID, else its id) is in the audit
-    sample: a hash, not a coin flip, so a crash and a re-run pick the same emails, and
-    the sample is a uniform draw from *all* arriving mail, whatever the route. The worker
-    audits the sampled emails the student handled; the sampled ones it escalated are
-    labelled anyway, so together they are a sample of arriving mail (datasets uses them
-    for calibration)."""
+def in_audit_sample(message_id: str | None, email_id: str, fraction: float,
+                    salt: str = "") -> bool:
+    """Whether the email is in the audit sample, by its identity (its Message-ID, else its
+    stable id: the database id as a string). A hash, not a coin flip, so a crash and a
+    re-run pick the same emails, and the sample is a uniform draw from *all* arriving mail,
+    whatever the route. The worker audits the sampled emails the student handled; the
+    sampled ones it escalated are labelled anyway, so together they are a sample of
+    arriving mail (datasets uses them for calibration). The router and datasets both call
+    this, so they agree on the identity."""
     if fraction <= 0:
         return False
-    u = int.from_bytes(hashlib.sha256(f"{salt}|{key}".encode()).digest()[:8], "big") / 2 ** 64
+    key = f"{salt}|{message_id or email_id}".encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64
     return u < fraction
 
 

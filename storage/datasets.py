@@ -115,7 +115,7 @@ def training_examples(db, *, since: datetime | None = None, limit: int | None = 
                 created_at=call.created_at,
                 representative=(
                     (call.purpose != "audit" and selective.get(msg.id) is not True)
-                    or in_audit_sample(msg.message_id or str(msg.id), audit_fraction)))
+                    or in_audit_sample(msg.message_id, str(msg.id), audit_fraction)))
 
         rq = (select(Review, Message).join(Message, Review.message_id == Message.id)
               .where(Review.is_gold.is_(True)).order_by(Review.created_at, Review.id))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
 
 import pytest
@@ -16,6 +15,7 @@ from agent.worker import PassResult
 from storage.calls import record_call
 from storage.models import Message, ModelVersion, TrainingRun
 from storage.work import record_calls
+from tests.e2e.daemon_kit import wait_for
 
 
 def test_one_scheduler_leader_per_postgresql_database(pg_url):
@@ -35,10 +35,7 @@ def test_one_scheduler_leader_per_postgresql_database(pg_url):
     assert a.is_leader()
     a.db.engine.dispose()
     a._conn.invalidate()
-    deadline = time.monotonic() + 10
-    while not b.is_leader():
-        assert time.monotonic() < deadline, "the dead connection's lock was never freed"
-        time.sleep(0.1)
+    wait_for(b.is_leader, 10, every=0.1, what="the dead connection's lock to be freed")
     b.release()
 
 
