@@ -45,34 +45,13 @@ class ThresholdChoice:
         return asdict(self)
 
 
-# Where the fallback procedure (re)starts, as (predicted risk / epsilon, share of delta).
-# The first start is the top of the grid, as in a plain fixed sequence; the later ones are
-# placed where the model's own label-free confidences predict a risk of epsilon/4 and
-# epsilon/2. Measured on real students in ``scripts/bench/valsize --compare``.
-DEFAULT_STARTS: tuple[tuple[float, float], ...] = ((0.0, 1 / 3), (0.25, 1 / 3), (0.5, 1 / 3))
-SINGLE_SEQUENCE: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
-
-
 def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float = 0.05,
-                     grid_size: int = 200, starts=DEFAULT_STARTS,
-                     risk_hint=None) -> ThresholdChoice:
+                     grid_size: int = 200) -> ThresholdChoice:
     """The lowest threshold on the grid whose risk is certified below ``epsilon``.
 
     The grid is fixed before looking at errors (quantiles of the confidences only, which
-    do not use the labels), strictest first. A plain fixed sequence (``SINGLE_SEQUENCE``)
-    stops at its first failure, so one confident mistake among the most confident ~149
-    examples certifies nothing at all. The default is the **fallback procedure** (Wiens
-    2003; a graphical Bonferroni test, valid under any dependence): delta is split among a
-    few start points fixed without the labels; each hypothesis is tested at the level of
-    its own start plus the level carried over from the hypothesis before it when that one
-    was rejected; a failure drops the carried level and testing resumes at the next start.
-    With probability at least 1 - delta every rejected hypothesis is true, so the lowest
-    rejected threshold keeps the promise.
-
-    ``risk_hint``: per-example label-free risk estimates used only to place the starts
-    (default ``1 - confidence``); pass ``1 - `` the *uncalibrated* confidence when the
-    temperature was fitted on the same labels. If even the strictest test fails, the head
-    never handles mail alone (threshold > 1).
+    do not use the labels), strictest first. If even the strictest fails, the head never
+    handles mail alone (threshold > 1).
     """
     conf = np.asarray(confidence, dtype=float)
     wrong = ~np.asarray(correct, dtype=bool)
@@ -80,61 +59,22 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     if n == 0:
         return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0)
     qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, grid_size + 1)))[::-1]
-    order = np.argsort(-conf, kind="stable")
+    order = np.argsort(-conf)
     sorted_conf, sorted_wrong = conf[order], wrong[order]
     cum_wrong = np.cumsum(sorted_wrong)
-    ks = np.searchsorted(-sorted_conf, -qs, side="right")  # how many have conf >= lam
-    hint = 1.0 - conf if risk_hint is None else np.asarray(risk_hint, dtype=float)
-    predicted = np.cumsum(hint[order]) / np.arange(1, n + 1)   # label-free risk of top k
-    levels = np.zeros(len(qs))
-    for i, level in _start_points(ks, predicted, starts, epsilon, delta):
-        levels[i] += level
     best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n)
-    level = 0.0
-    for lam, k, start in zip(qs, ks, levels):
-        level += start
-        if level <= 0.0:
+    for lam in qs:
+        k = int(np.searchsorted(-sorted_conf, -lam, side="right"))  # count conf >= lam
+        if k == 0 or clopper_pearson_upper(0, k, delta) > epsilon:
+            # Too few examples above lam to certify epsilon even with no errors: not a
+            # test at all (decided from counts alone, so the sequence stays valid).
             continue
         errs = int(cum_wrong[k - 1])
-        ub = clopper_pearson_upper(errs, int(k), level)
+        ub = clopper_pearson_upper(errs, k, delta)
         if ub > epsilon:
-            level = 0.0            # not rejected: its level is spent, resume at the next start
-            continue
+            break
         best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n)
     return best
-
-
-def _start_points(ks, predicted, starts, epsilon: float, delta: float):
-    """(grid index, level) of each start of the fallback test, from counts and hints only.
-
-    A start sits at the first grid point whose predicted risk reaches its fraction of
-    epsilon and that holds enough examples to certify epsilon at its level at all. A start
-    that would land at or before the previous one is merged into it (their levels add up,
-    so the merged start needs fewer examples): on a small calibration set, or a model
-    whose confidences predict little headroom, the test falls back to a single sequence
-    with all of delta, never to several weaker ones on top of each other.
-    """
-    by_risk = [int(np.argmax(predicted[ks - 1] >= frac * epsilon))
-               if (predicted[ks - 1] >= frac * epsilon).any() else None
-               for frac, _ in starts]
-    groups: list[list] = []   # [first index allowed by the predicted risk, share]
-    for at, (_, share) in zip(by_risk, starts):
-        if at is None:
-            continue                       # the hints never predict that risk: unused share
-        prev = _place(ks, groups[-1], epsilon, delta) if groups else None
-        if groups and (prev is None or at <= prev):
-            groups[-1][1] += share         # (an untestable start is merged forward too)
-        else:
-            groups.append([at, share])
-    placed = [(_place(ks, g, epsilon, delta), g[1] * delta) for g in groups]
-    return [(i, level) for i, level in placed if i is not None]
-
-
-def _place(ks, group, epsilon: float, delta: float):
-    """The first grid index at or after ``group``'s that can certify at its level."""
-    at, share = group
-    testable = np.nonzero(ks[at:] >= min_certifiable(epsilon, share * delta))[0]
-    return at + int(testable[0]) if len(testable) else None
 
 
 def min_certifiable(epsilon: float, delta: float) -> int:

@@ -173,11 +173,8 @@ def train(run: dict) -> dict:
         t = fit_temperature(lg, y)
         p_before, p_after = torch.softmax(lg, -1), torch.softmax(lg / t, -1)
         conf, pred = p_after.max(-1)
-        # The fallback test's start points come from the uncalibrated confidences: the
-        # temperature was fitted on these labels, the raw softmax was not.
         choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
-                                  epsilon=cfg["epsilon"], delta=cfg["delta"],
-                                  risk_hint=1.0 - p_before.max(-1).values.numpy())
+                                  epsilon=cfg["epsilon"], delta=cfg["delta"])
         temperatures[h] = t
         thresholds[h] = {"trained": True, **choice.to_dict()}
         metrics[h] = {"val_accuracy": _accuracy(lg, y), "temperature": t,
