@@ -242,7 +242,9 @@ class SchedulerSettings(_Section):
     enabled: bool = True
     retrain_cron: str = Field("0 3 * * *", description="Five-field cron, local time.")
     min_new_examples: int = Field(200, ge=1)
-    agreement_margin: float = Field(0.0, ge=0, le=1, description="Allowed agreement drop.")
+    agreement_margin: float = Field(0.0, ge=0, le=1, description=(
+        "Allowed agreement drop on the gate's held-out slice (about two emails' worth of a "
+        "small slice keeps one email from deciding; README, Gate)."))
     coverage_margin: float = Field(0.0, ge=0, le=1, description="Allowed coverage drop.")
 
     @field_validator("retrain_cron")
