@@ -158,6 +158,13 @@ class StudentSettings(_Section):
 class RouterSettings(_Section):
     target_risk: float = Field(0.02, gt=0.0, lt=1.0, description="epsilon: allowed disagreement.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="1 - delta.")
+    threshold_start: float = Field(
+        0.4, ge=0.0, lt=1.0, description="Where the threshold test starts, as a share of the "
+        "calibration examples: thresholds handling fewer are not tested. 0 starts at the "
+        "most confident 149 (at 2%, 95%), which must then hold no error at all, so one "
+        "disputed teacher label among them certifies nothing; 0.4 (snapped down to where "
+        "the test tolerates one more error: 313 of 894) lets a few through, at the price "
+        "of never certifying a coverage below that. Any value keeps the guarantee.")
     audit_fraction: float = Field(
         0.03, ge=0.0, le=1.0, description="Share of arriving mail in the audit sample (a "
         "hash of the Message-ID): the teacher labels the sampled emails the student handled, "

@@ -73,6 +73,7 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         distill_temperature=st.distill_temperature, gold_weight=st.gold_weight,
         seed=st.seed, device=st.device, target_risk=settings.router.target_risk,
         confidence_level=settings.router.confidence_level,
+        threshold_start=settings.router.threshold_start,
         agreement_margin=settings.scheduler.agreement_margin,
         coverage_margin=settings.scheduler.coverage_margin,
         audit_fraction=settings.router.audit_fraction)
@@ -92,6 +93,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             distill_temperature: float = 2.0,
             gold_weight: float = 3.0, seed: int = 0, device: str = "auto",
             target_risk: float = 0.02, confidence_level: float = 0.95,
+            threshold_start: float = 0.4,
             agreement_margin: float = 0.0, coverage_margin: float = 0.0,
             data: Path | None = None, trigger: str = "manual", split: str = "auto",
             holdout_fraction: float = 0.1, val_fraction: float = 0.1,
@@ -121,7 +123,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
                       distill_alpha=distill_alpha,
                       distill_temperature=distill_temperature, gold_weight=gold_weight,
                       seed=seed, device=device, epsilon=target_risk,
-                      delta=1.0 - confidence_level),
+                      delta=1.0 - confidence_level, threshold_start=threshold_start),
                **(train_overrides or {})}
 
     with db.session() as s:

@@ -40,18 +40,26 @@ class ThresholdChoice:
     risk: float            # empirical disagreement among those
     bound: float           # Clopper-Pearson upper bound on that risk (<= epsilon if valid)
     n: int
+    first_test: int = 0    # examples the first test handled (where the sequence started)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float = 0.05,
-                     grid_size: int = 200) -> ThresholdChoice:
+                     grid_size: int = 200, start_fraction: float = 0.0) -> ThresholdChoice:
     """The lowest threshold on the grid whose risk is certified below ``epsilon``.
 
     The grid is fixed before looking at errors (quantiles of the confidences only, which
     do not use the labels), strictest first. If even the strictest fails, the head never
     handles mail alone (threshold > 1).
+
+    ``start_fraction`` starts the sequence deeper, at :func:`first_test_size`: thresholds
+    that would handle fewer examples are not tested. That size depends on counts only, so
+    the guarantee holds. What it buys is tolerance for a few confident errors among the
+    most confident examples: started at the top, the first test needs its 149 examples
+    (at 2%, 95%) free of errors, and one disputed label there ends the sequence. The price
+    is that no coverage below the start can be certified.
     """
     conf = np.asarray(confidence, dtype=float)
     wrong = ~np.asarray(correct, dtype=bool)
@@ -62,28 +70,53 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     order = np.argsort(-conf)
     sorted_conf, sorted_wrong = conf[order], wrong[order]
     cum_wrong = np.cumsum(sorted_wrong)
-    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n)
+    k_start = first_test_size(n, epsilon, delta, start_fraction)
+    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n, k_start)
     for lam in qs:
         k = int(np.searchsorted(-sorted_conf, -lam, side="right"))  # count conf >= lam
-        if k == 0 or clopper_pearson_upper(0, k, delta) > epsilon:
-            # Too few examples above lam to certify epsilon even with no errors: not a
-            # test at all (decided from counts alone, so the sequence stays valid).
+        if k < k_start:
+            # Too few examples above lam to certify epsilon even with no errors, or fewer
+            # than the chosen start: not a test at all (decided from counts alone, so the
+            # sequence stays valid).
             continue
         errs = int(cum_wrong[k - 1])
         ub = clopper_pearson_upper(errs, k, delta)
         if ub > epsilon:
             break
-        best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n)
+        best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n, k_start)
     return best
 
 
-def min_certifiable(epsilon: float, delta: float) -> int:
-    """The fewest handled examples that can certify ``epsilon`` at all (zero errors).
+def min_certifiable(epsilon: float, delta: float, errors: int = 0) -> int:
+    """The fewest handled examples that can certify ``epsilon`` with ``errors`` among them.
 
-    >>> min_certifiable(0.02, 0.05)
-    149
+    >>> [min_certifiable(0.02, 0.05, e) for e in range(5)]
+    [149, 236, 313, 386, 456]
     """
-    return int(np.ceil(np.log(delta) / np.log1p(-epsilon)))
+    if errors == 0:
+        return int(np.ceil(np.log(delta) / np.log1p(-epsilon)))
+    k = min_certifiable(epsilon, delta, errors - 1)
+    while clopper_pearson_upper(errors, k, delta) > epsilon:
+        k += 1
+    return k
+
+
+def first_test_size(n: int, epsilon: float, delta: float, fraction: float) -> int:
+    """How many examples the first test of the fixed sequence handles.
+
+    The largest of the counts :func:`min_certifiable` gives for 0, 1, 2, ... errors that is
+    at most ``fraction`` of the ``n`` calibration examples, and never fewer than the
+    zero-error count (149 at 2%, 95%). Snapping to those counts matters: the first test
+    tolerates ``e`` errors from ``min_certifiable(..., e)`` examples on, so starting just
+    below one of them tolerates an error less for almost the same coverage.
+
+    >>> [first_test_size(n, 0.02, 0.05, 0.4) for n in (300, 600, 894, 1000)]
+    [149, 236, 313, 386]
+    """
+    e = 0
+    while min_certifiable(epsilon, delta, e + 1) <= fraction * n:
+        e += 1
+    return min_certifiable(epsilon, delta, e)
 
 
 def calibration_size(n_total: int, *, epsilon: float, delta: float, fraction: float = 0.1,

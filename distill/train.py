@@ -34,7 +34,7 @@ DEFAULTS = dict(
     learning_rate=1e-4, head_lr_mult=10.0, weight_decay=0.01, warmup_fraction=0.06,
     label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
-    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, progress=True,
+    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=4, cache_frozen=True,
     cache_max_mb=2048,
 )
@@ -174,7 +174,8 @@ def train(run: dict) -> dict:
         p_before, p_after = torch.softmax(lg, -1), torch.softmax(lg / t, -1)
         conf, pred = p_after.max(-1)
         choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
-                                  epsilon=cfg["epsilon"], delta=cfg["delta"])
+                                  epsilon=cfg["epsilon"], delta=cfg["delta"],
+                                  start_fraction=cfg["threshold_start"])
         temperatures[h] = t
         thresholds[h] = {"trained": True, **choice.to_dict()}
         metrics[h] = {"val_accuracy": _accuracy(lg, y), "temperature": t,

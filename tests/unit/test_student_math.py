@@ -47,6 +47,29 @@ def test_threshold_keeps_its_promise_over_many_draws():
     assert np.mean(coverages) > 0.1            # and it does hand some mail to the student
 
 
+def test_deeper_start_keeps_the_promise_and_survives_one_confident_error():
+    eps, delta, draws = 0.02, 0.05, 300
+    rng = np.random.default_rng(1)
+    violations = 0
+    for _ in range(draws):
+        c = rng.uniform(size=1500)
+        correct = rng.uniform(size=1500) >= 0.2 * (1 - c)
+        choice = choose_threshold(c, correct, epsilon=eps, delta=delta, start_fraction=0.3)
+        if choice.threshold < NEVER:
+            assert choice.bound <= eps and choice.coverage >= 386 / 1500  # first_test_size
+            violations += 0.1 * (1 - choice.threshold) > eps
+    assert violations / draws <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
+    # 900 examples, one error: the 10th most confident. A sequence started at the top
+    # needs its first 149 free of errors and certifies nothing; started at 30% of them
+    # (snapped down to 236, where one error is allowed) it certifies all 900.
+    conf = np.linspace(1.0, 0.5, 900)
+    correct = np.ones(900, dtype=bool)
+    correct[9] = False
+    assert choose_threshold(conf, correct, epsilon=eps, delta=delta).threshold == NEVER
+    deep = choose_threshold(conf, correct, epsilon=eps, delta=delta, start_fraction=0.3)
+    assert deep.coverage == 1.0 and deep.risk == pytest.approx(1 / 900)
+
+
 def test_threshold_refuses_when_nothing_can_be_certified():
     c = np.linspace(0.5, 1.0, 100)
     choice = choose_threshold(c, np.zeros(100, dtype=bool), epsilon=0.02, delta=0.05)
