@@ -14,7 +14,9 @@ probability at least 1 - delta the chosen threshold's true risk is at most epsil
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import count, islice
 
 import numpy as np
 from scipy.stats import beta
@@ -93,12 +95,18 @@ def min_certifiable(epsilon: float, delta: float, errors: int = 0) -> int:
     >>> [min_certifiable(0.02, 0.05, e) for e in range(5)]
     [149, 236, 313, 386, 456]
     """
-    if errors == 0:
-        return int(np.ceil(np.log(delta) / np.log1p(-epsilon)))
-    k = min_certifiable(epsilon, delta, errors - 1)
-    while clopper_pearson_upper(errors, k, delta) > epsilon:
-        k += 1
-    return k
+    return next(islice(_certifiable_counts(epsilon, delta), errors, None))
+
+
+def _certifiable_counts(epsilon: float, delta: float) -> Iterator[int]:
+    """:func:`min_certifiable` for 0, 1, 2, ... errors, in one walk up the counts (each is
+    at least the one before, so the walk never goes back)."""
+    k = int(np.ceil(np.log(delta) / np.log1p(-epsilon)))  # zero errors: closed form
+    yield k
+    for errors in count(1):
+        while clopper_pearson_upper(errors, k, delta) > epsilon:
+            k += 1
+        yield k
 
 
 def first_test_size(n: int, epsilon: float, delta: float, fraction: float) -> int:
@@ -113,10 +121,11 @@ def first_test_size(n: int, epsilon: float, delta: float, fraction: float) -> in
     >>> [first_test_size(n, 0.02, 0.05, 0.4) for n in (300, 600, 894, 1000)]
     [149, 236, 313, 386]
     """
-    e = 0
-    while min_certifiable(epsilon, delta, e + 1) <= fraction * n:
-        e += 1
-    return min_certifiable(epsilon, delta, e)
+    counts = _certifiable_counts(epsilon, delta)
+    start = next(counts)
+    while (k := next(counts)) <= fraction * n:
+        start = k
+    return start
 
 
 def calibration_size(n_total: int, *, epsilon: float, delta: float, fraction: float = 0.1,
