@@ -2,15 +2,28 @@
 
 Both are measured on the same held-out slice, never trained on (the newest records of a
 records file; for the SQL log a stable hash sample of its representative labels, see
-``distill.pipeline.split_examples``). "No worse" means agreement with the teacher and
-coverage at the target risk each drop by at most the configured margins
-(``scheduler.agreement_margin``, ``scheduler.coverage_margin``). The first model always
-promotes.
+``distill.pipeline.split_examples``). Two rules for "no worse" (``scheduler.gate_rule``):
+
+``margins``
+    agreement with the teacher and coverage at the stored threshold each drop by at most
+    the configured margins (``scheduler.agreement_margin``, ``scheduler.coverage_margin``).
+    On a slice of ~190 emails one email is half a point, so with margins 0 one email can
+    keep a better candidate out.
+``sign_test``
+    keep the candidate out only if a one-sided exact sign test on the emails where the two
+    models differ says it is worse (agreement or coverage) at level ``scheduler.gate_alpha``.
+    Needs the per-email outcomes of both models (``outcomes``).
+
+The first model always promotes. Either way the risk promise does not depend on the gate:
+every model's threshold is certified on its own validation data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+GATE_RULES = ("margins", "sign_test")
 
 
 @dataclass(frozen=True)
@@ -19,14 +32,63 @@ class GateDecision:
     reason: str
 
 
+@dataclass(frozen=True)
+class Outcomes:
+    """Per held-out email: does the model agree with the teacher, does it handle it alone."""
+    agrees: Sequence[bool]
+    handles: Sequence[bool]
+
+
+def sign_test_p(worse: int, better: int) -> float:
+    """One-sided exact sign test: P(at least ``worse`` of the ``worse + better`` discordant
+    emails go against the candidate | both models equally good)."""
+    from scipy.stats import binom
+
+    n = worse + better
+    if n == 0:
+        return 1.0
+    return float(binom.sf(worse - 1, n, 0.5))
+
+
+def _discordant(cand: Sequence[bool], active: Sequence[bool]) -> tuple[int, int]:
+    """(emails where only the active model succeeds, emails where only the candidate does)."""
+    if len(cand) != len(active):
+        raise ValueError(f"paired outcomes differ in length: {len(cand)} vs {len(active)}")
+    worse = sum(1 for c, a in zip(cand, active) if a and not c)
+    better = sum(1 for c, a in zip(cand, active) if c and not a)
+    return worse, better
+
+
 def gate(candidate: dict, active: dict | None, *, agreement_margin: float = 0.0,
-         coverage_margin: float = 0.0) -> GateDecision:
+         coverage_margin: float = 0.0, rule: str = "margins", alpha: float = 0.1,
+         outcomes: tuple[Outcomes, Outcomes] | None = None) -> GateDecision:
     """``candidate``/``active``: metrics with ``accuracy`` and ``coverage`` (at stored
-    thresholds) measured on the same held-out examples."""
+    thresholds) measured on the same held-out examples; ``outcomes``: (candidate, active)
+    per-email outcomes on those examples, required by ``rule="sign_test"``."""
+    if rule not in GATE_RULES:
+        raise ValueError(f"unknown gate rule {rule!r}: use one of {', '.join(GATE_RULES)}")
     if active is None:
         return GateDecision(True, "first model: nothing to compare against")
     acc_c, acc_a = candidate["accuracy"], active["accuracy"]
     cov_c, cov_a = candidate["coverage"], active["coverage"]
+    summary = f"agreement {acc_c:.4f} vs {acc_a:.4f}, coverage {cov_c:.4f} vs {cov_a:.4f}"
+    if rule == "sign_test":
+        if outcomes is None:
+            raise ValueError("the sign_test gate needs both models' per-email outcomes")
+        oc, oa = outcomes
+        problems, tests = [], []
+        for what, c, a in (("agreement", oc.agrees, oa.agrees),
+                           ("coverage", oc.handles, oa.handles)):
+            worse, better = _discordant(c, a)
+            p = sign_test_p(worse, better)
+            tests.append(f"{what} {better} better / {worse} worse (p={p:.3f})")
+            if worse > better and p <= alpha:
+                problems.append(f"{what} worse: {worse} emails against {better} "
+                                f"(sign test p={p:.3f} <= {alpha})")
+        if problems:
+            return GateDecision(False, "; ".join(problems) + f" [{summary}]")
+        return GateDecision(True, f"{summary}; {', '.join(tests)}: not significantly worse "
+                                  f"at {alpha}")
     problems = []
     if acc_c < acc_a - agreement_margin:
         problems.append(f"agreement {acc_c:.4f} < active {acc_a:.4f} - margin "
@@ -36,5 +98,4 @@ def gate(candidate: dict, active: dict | None, *, agreement_margin: float = 0.0,
                         f"{coverage_margin:.4f}")
     if problems:
         return GateDecision(False, "; ".join(problems))
-    return GateDecision(True, f"agreement {acc_c:.4f} vs {acc_a:.4f}, coverage "
-                              f"{cov_c:.4f} vs {cov_a:.4f}: no worse")
+    return GateDecision(True, f"{summary}: no worse")

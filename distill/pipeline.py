@@ -33,7 +33,7 @@ from distill.data import (LabelSpace, read_records_file, stable_split, time_spli
                           write_examples)
 from distill.errors import DatasetError
 from distill.evaluate import category_targets, metrics_from_probs
-from distill.gate import gate
+from distill.gate import Outcomes, gate
 from distill.thresholds import calibration_size, min_certifiable
 from storage.datasets import TrainingExample, training_examples
 from storage.models import TrainingRun
@@ -76,6 +76,7 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         threshold_start=settings.router.threshold_start,
         agreement_margin=settings.scheduler.agreement_margin,
         coverage_margin=settings.scheduler.coverage_margin,
+        gate_rule=settings.scheduler.gate_rule, gate_alpha=settings.scheduler.gate_alpha,
         audit_fraction=settings.router.audit_fraction)
 
 
@@ -95,6 +96,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             target_risk: float = 0.02, confidence_level: float = 0.95,
             threshold_start: float = 0.4,
             agreement_margin: float = 0.0, coverage_margin: float = 0.0,
+            gate_rule: str = "margins", gate_alpha: float = 0.1,
             data: Path | None = None, trigger: str = "manual", split: str = "auto",
             holdout_fraction: float = 0.1, val_fraction: float = 0.1,
             min_examples: int = 20, timeout_s: float | None = None,
@@ -160,18 +162,19 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     from distill.classifier import Classifier
 
     candidate = Classifier.load(out_dir, device=device)
-    cand_m = _holdout_metrics(candidate, holdout)
+    cand_m, cand_o = _holdout_metrics(candidate, holdout)
     active_info = registry.active_version(db, "classifier")
-    active_m = None
+    active_m = active_o = None
     if active_info is not None:
         try:
-            active_m = _holdout_metrics(Classifier.load(active_info.path, device=device),
-                                        holdout)
+            active_m, active_o = _holdout_metrics(
+                Classifier.load(active_info.path, device=device), holdout)
         except Exception as e:  # noqa: BLE001 - an unreadable active model must not block
             lg.warning("active model could not be evaluated; gating as first model",
                        active=active_info.version, error=str(e))
     decision = gate(cand_m, active_m, agreement_margin=agreement_margin,
-                    coverage_margin=coverage_margin)
+                    coverage_margin=coverage_margin, rule=gate_rule, alpha=gate_alpha,
+                    outcomes=None if active_o is None else (cand_o, active_o))
     train_metrics = candidate.metrics
     metrics = {"holdout": cand_m, "active_holdout": active_m, "train": train_metrics}
     registry.register(db, version, out_dir, metrics=metrics,
@@ -241,9 +244,14 @@ def resolve_split(split: str, data: Path | None) -> str:
     return split
 
 
-def _holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> dict:
+def _holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> tuple[dict, Outcomes]:
+    """The gate's figures on the held-out slice, and the per-email outcomes behind them."""
     probs = clf.probabilities([e.text for e in holdout])["category"]
-    return metrics_from_probs(probs, category_targets(clf, holdout), clf.threshold("category"))
+    targets, threshold = category_targets(clf, holdout), clf.threshold("category")
+    conf, pred = probs.max(-1)
+    outcomes = Outcomes(agrees=(pred == targets).tolist(),
+                        handles=(conf >= threshold).tolist())
+    return metrics_from_probs(probs, targets, threshold), outcomes
 
 
 def _run_training(db, run_id: int, run_json: Path, log_path: Path,

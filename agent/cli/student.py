@@ -27,7 +27,8 @@ def retrain(
     stable hash of the message id, among the labels made while no student handled mail
     alone; see student.validation_split): candidate and active model are compared there,
     and the candidate is promoted only if no worse on agreement and on coverage at the
-    target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin).
+    target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin; or, with
+    scheduler.gate_rule = "sign_test", unless a paired sign test says it is worse).
     """
     from agent.build import build_drafter_step
     from distill.errors import StudentError

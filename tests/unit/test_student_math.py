@@ -142,6 +142,32 @@ def test_gate():
     assert not gate({"accuracy": 0.95, "coverage": 0.70}, a, coverage_margin=0.05).promote
 
 
+def test_sign_test_gate_ignores_one_email_but_not_a_clear_loss():
+    from distill.gate import Outcomes, sign_test_p
+
+    n = 190
+    active = Outcomes(agrees=[True] * 170 + [False] * 20, handles=[True] * 100 + [False] * 90)
+    # One email worse on agreement, one on coverage: margins 0 keep it out, the test doesn't.
+    near = Outcomes(agrees=[True] * 169 + [False] * 21, handles=[True] * 99 + [False] * 91)
+    m = lambda o: {"accuracy": sum(o.agrees) / n, "coverage": sum(o.handles) / n}  # noqa: E731
+    assert not gate(m(near), m(active)).promote
+    d = gate(m(near), m(active), rule="sign_test", outcomes=(near, active))
+    assert d.promote and "1 worse" in d.reason
+    # 12 emails lost on coverage, 2 gained: p = P(X >= 12 | n=14, 1/2) = 0.0065.
+    lost = Outcomes(agrees=active.agrees,
+                    handles=[True] * 88 + [False] * 12 + [True] * 2 + [False] * 88)
+    assert abs(sign_test_p(12, 2) - 106 / 2 ** 14) < 1e-12
+    no = gate(m(lost), m(active), rule="sign_test", outcomes=(lost, active))
+    assert not no.promote and "coverage worse: 12 emails against 2" in no.reason
+    # At a stricter level the same loss passes; the rule needs the paired outcomes.
+    assert gate(m(lost), m(active), rule="sign_test", alpha=0.001,
+                outcomes=(lost, active)).promote
+    with pytest.raises(ValueError, match="per-email outcomes"):
+        gate(m(near), m(active), rule="sign_test")
+    with pytest.raises(ValueError, match="unknown gate rule"):
+        gate(m(near), m(active), rule="vibes")
+
+
 def test_records_human_source_is_gold_and_survives_the_training_file(tmp_path):
     import json
 

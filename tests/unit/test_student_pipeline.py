@@ -68,6 +68,12 @@ def test_retrain_from_records_creates_a_version_and_gates_the_next(db, state_dir
         statuses = {v.version: v.status for v in s.query(ModelVersion)}
     assert statuses == {r1.version: "retired", r2.version: "active"}
 
+    # Third run, gated by the paired sign test on the per-email outcomes of both models.
+    r3 = retrain(db, **_kw(state_dir, tiny_encoder_dir, gate_rule="sign_test"), data=data,
+                 trigger="manual")
+    assert r3.status == "succeeded" and "better /" in r3.gate_reason, r3.gate_reason
+    assert (registry.active_version(db).version == r3.version) == r3.promoted
+
 
 def test_killed_training_leaves_active_model_and_is_recorded(db, state_dir, tmp_path,
                                                              tiny_encoder_dir):  # noqa: F811
