@@ -253,7 +253,7 @@ class SchedulerSettings(_Section):
         "Allowed agreement drop on the gate's held-out slice (about two emails' worth of a "
         "small slice keeps one email from deciding; README, Gate)."))
     coverage_margin: float = Field(0.0, ge=0, le=1, description="Allowed coverage drop.")
-    gate_rule: Literal["margins", "sign_test"] = Field("margins", description=(
+    gate_rule: Literal["margins", "sign_test"] = Field("sign_test", description=(
         "margins: keep a candidate out if it is below the active model by more than the "
         "margins; sign_test: only if a paired sign test on the held-out emails where the "
         "two differ says it is worse at gate_alpha (README, Gate)."))

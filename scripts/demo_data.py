@@ -197,10 +197,10 @@ audit_fraction = 0.1
 [scheduler]
 retrain_cron = "* * * * *"
 min_new_examples = 150
-# The gate compares candidate and active model on the newest ~10% of labels: a few dozen
-# emails here, where one email is 2-3 points. A small margin keeps that noise from
-# blocking a student that covers far more mail.
-agreement_margin = 0.05
+# The gate compares candidate and active model on ~10% of the labels, a few dozen emails
+# here, where one email is 2-3 points. The default gate (scheduler.gate_rule = "sign_test")
+# keeps a candidate out only when a paired sign test says it is worse, so one email does
+# not decide.
 
 [review]
 port = {review_port}

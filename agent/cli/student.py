@@ -26,9 +26,11 @@ def retrain(
     10% of the examples are held out (from --data: the newest; from the SQL log: by a
     stable hash of the message id, among the labels made while no student handled mail
     alone; see student.validation_split): candidate and active model are compared there,
-    and the candidate is promoted only if no worse on agreement and on coverage at the
-    target risk (margins: scheduler.agreement_margin, scheduler.coverage_margin; or, with
-    scheduler.gate_rule = "sign_test", unless a paired sign test says it is worse).
+    and the candidate is promoted unless a paired sign test on the emails where the two
+    differ says it is worse, on agreement or on coverage at the target risk
+    (scheduler.gate_rule = "sign_test", level scheduler.gate_alpha); with gate_rule =
+    "margins", unless it is worse by more than scheduler.agreement_margin or
+    scheduler.coverage_margin.
     """
     from agent.build import build_drafter_step
     from distill.errors import StudentError

@@ -82,8 +82,9 @@ def test_calibration_split_is_large_enough_to_certify_epsilon():
     assert clopper_pearson_upper(0, n_min, 0.05) <= 0.02
     assert clopper_pearson_upper(0, n_min - 1, 0.05) > 0.02
     sizes = [calibration_size(n, epsilon=0.02, delta=0.05)
-             for n in (100, 1000, 4000, 8000, 10000)]
-    assert sizes == [30, 300, 6 * n_min, 6 * n_min, 1000]    # cap 30%, floor 6*n_min, then 10%
+             for n in (100, 1000, 4000, 8000, 10000, 20000)]
+    # cap 40%, floor 9*n_min (1,341), then 10%
+    assert sizes == [40, 400, 9 * n_min, 9 * n_min, 9 * n_min, 2000]
     # a model right on 99% of its top half certifies 2% with this split, not with 10%
     rng = np.random.default_rng(0)
     big = calibration_size(1000, epsilon=0.02, delta=0.05)

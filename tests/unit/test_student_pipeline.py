@@ -61,8 +61,9 @@ def test_retrain_from_records_creates_a_version_and_gates_the_next(db, state_dir
         assert run.config["n_train"] > 0 and run.finished_at is not None
 
     # Second run: gated against the active model on the same held-out slice.
-    r2 = retrain(db, **_kw(state_dir, tiny_encoder_dir, agreement_margin=1.0,
-                           coverage_margin=1.0), data=data, trigger="schedule")
+    r2 = retrain(db, **_kw(state_dir, tiny_encoder_dir, gate_rule="margins",
+                           agreement_margin=1.0, coverage_margin=1.0), data=data,
+                 trigger="schedule")
     assert r2.status == "succeeded" and r2.promoted and r2.active_metrics is not None
     with db.session() as s:
         statuses = {v.version: v.status for v in s.query(ModelVersion)}
