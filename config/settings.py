@@ -250,9 +250,10 @@ class SchedulerSettings(_Section):
     retrain_cron: str = Field("0 3 * * *", description="Five-field cron, local time.")
     min_new_examples: int = Field(200, ge=1)
     agreement_margin: float = Field(0.0, ge=0, le=1, description=(
-        "Allowed agreement drop on the gate's held-out slice (about two emails' worth of a "
-        "small slice keeps one email from deciding; README, Gate)."))
-    coverage_margin: float = Field(0.0, ge=0, le=1, description="Allowed coverage drop.")
+        "gate_rule margins: allowed agreement drop on the gate's held-out slice (about two "
+        "emails' worth of a small slice keeps one email from deciding; README, Gate)."))
+    coverage_margin: float = Field(0.0, ge=0, le=1, description=(
+        "gate_rule margins: allowed coverage drop."))
     gate_rule: Literal["margins", "sign_test"] = Field("sign_test", description=(
         "margins: keep a candidate out if it is below the active model by more than the "
         "margins; sign_test: only if a paired sign test on the held-out emails where the "
