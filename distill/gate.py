@@ -54,13 +54,24 @@ def sign_test_p(worse: int, better: int) -> float:
     return float(binom.sf(worse - 1, n, 0.5))
 
 
-def _discordant(cand: Sequence[bool], active: Sequence[bool]) -> tuple[int, int]:
-    """(emails where only the active model succeeds, emails where only the candidate does)."""
+@dataclass(frozen=True)
+class SignTest:
+    """The candidate against the active model on one measure, email by email."""
+    worse: int      # emails where only the active model succeeds
+    better: int     # emails where only the candidate does
+    p: float        # sign_test_p(worse, better)
+
+    def significantly_worse(self, alpha: float) -> bool:
+        return self.worse > self.better and self.p <= alpha
+
+
+def sign_test(cand: Sequence[bool], active: Sequence[bool]) -> SignTest:
+    """Paired sign test of the candidate's per-email outcomes against the active model's."""
     if len(cand) != len(active):
         raise ValueError(f"paired outcomes differ in length: {len(cand)} vs {len(active)}")
     worse = sum(1 for c, a in zip(cand, active) if a and not c)
     better = sum(1 for c, a in zip(cand, active) if c and not a)
-    return worse, better
+    return SignTest(worse, better, sign_test_p(worse, better))
 
 
 def gate(candidate: dict, active: dict | None, *, agreement_margin: float = 0.0,
@@ -83,12 +94,11 @@ def gate(candidate: dict, active: dict | None, *, agreement_margin: float = 0.0,
         problems, tests = [], []
         for what, c, a in (("agreement", oc.agrees, oa.agrees),
                            ("coverage", oc.handles, oa.handles)):
-            worse, better = _discordant(c, a)
-            p = sign_test_p(worse, better)
-            tests.append(f"{what} {better} better / {worse} worse (p={p:.3f})")
-            if worse > better and p <= alpha:
-                problems.append(f"{what} worse: {worse} emails against {better} "
-                                f"(sign test p={p:.3f} <= {alpha})")
+            t = sign_test(c, a)
+            tests.append(f"{what} {t.better} better / {t.worse} worse (p={t.p:.3f})")
+            if t.significantly_worse(alpha):
+                problems.append(f"{what} worse: {t.worse} emails against {t.better} "
+                                f"(sign test p={t.p:.3f} <= {alpha})")
         if problems:
             return GateDecision(False, "; ".join(problems) + f" [{summary}]")
         return GateDecision(True, f"{summary}; {', '.join(tests)}: not significantly worse "

@@ -162,12 +162,12 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     from distill.classifier import Classifier
 
     candidate = Classifier.load(out_dir, device=device)
-    cand_m, cand_o = _holdout_metrics(candidate, holdout)
+    cand_m, cand_o = holdout_metrics(candidate, holdout)
     active_info = registry.active_version(db, "classifier")
     active_m = active_o = None
     if active_info is not None:
         try:
-            active_m, active_o = _holdout_metrics(
+            active_m, active_o = holdout_metrics(
                 Classifier.load(active_info.path, device=device), holdout)
         except Exception as e:  # noqa: BLE001 - an unreadable active model must not block
             lg.warning("active model could not be evaluated; gating as first model",
@@ -245,7 +245,7 @@ def resolve_split(split: str, data: Path | None) -> str:
     return split
 
 
-def _holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> tuple[dict, Outcomes]:
+def holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> tuple[dict, Outcomes]:
     """The gate's figures on the held-out slice, and the per-email outcomes behind them."""
     probs = clf.probabilities([e.text for e in holdout])["category"]
     targets, threshold = category_targets(clf, holdout), clf.threshold("category")
