@@ -200,7 +200,8 @@ min_new_examples = 150
 # The gate compares candidate and active model on ~10% of the labels, a few dozen emails
 # here, where one email is 2-3 points. The default gate (scheduler.gate_rule = "sign_test")
 # keeps a candidate out only when a paired sign test says it is worse, so one email does
-# not decide.
+# not decide; on a slice this small it also lets through a candidate behind by up to three
+# emails (README, Gate), which a demo that should show promotions can afford.
 
 [review]
 port = {review_port}
