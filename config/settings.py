@@ -259,6 +259,12 @@ class SchedulerSettings(_Section):
         "margins; sign_test: only if a paired sign test on the held-out emails where the "
         "two differ says it is worse at gate_alpha (README, Gate)."))
     gate_alpha: float = Field(0.1, gt=0, lt=1, description="Level of the sign_test gate.")
+    keep_versions: int = Field(5, ge=0, description=(
+        "Model versions kept on disk per kind besides the active one and the last retired "
+        "one (a classifier is ~90 MB); older ones' files are deleted, their rows stay "
+        "(`understudy models prune`)."))
+    prune_after_retrain: bool = Field(True, description=(
+        "Prune to keep_versions after each retrain; false keeps every version's files."))
 
     @field_validator("retrain_cron")
     @classmethod

@@ -77,7 +77,9 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         agreement_margin=settings.scheduler.agreement_margin,
         coverage_margin=settings.scheduler.coverage_margin,
         gate_rule=settings.scheduler.gate_rule, gate_alpha=settings.scheduler.gate_alpha,
-        audit_fraction=settings.router.audit_fraction)
+        audit_fraction=settings.router.audit_fraction,
+        keep_versions=(settings.scheduler.keep_versions
+                       if settings.scheduler.prune_after_retrain else None))
 
 
 def load_examples(db, data: Path | None,
@@ -101,6 +103,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             holdout_fraction: float = 0.1, val_fraction: float = 0.1,
             min_examples: int = 20, timeout_s: float | None = None,
             audit_fraction: float = 0.0, train_overrides: dict | None = None,
+            keep_versions: int | None = None,
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
     """Train a candidate, compare it with the active model on held-out mail, maybe promote."""
     t0 = time.monotonic()
@@ -194,7 +197,23 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             gate_reason=decision.reason)
     lg.info("retrain finished", promoted=decision.promote, reason=decision.reason,
             accuracy=cand_m["accuracy"], coverage=cand_m["coverage"])
+    if keep_versions is not None:
+        _prune(db, state_dir, keep_versions, lg)
     return result
+
+
+def _prune(db, state_dir: Path, keep: int, lg) -> None:
+    """Delete old versions' files (scheduler.keep_versions); a failure only logs."""
+    from distill.retention import prune
+
+    try:
+        plan, freed = prune(db, state_dir, keep)
+    except Exception as e:  # noqa: BLE001 - disk clean-up must not undo a finished retrain
+        lg.warning("pruning old model versions failed", error=f"{type(e).__name__}: {e}")
+        return
+    if plan.delete or plan.notes:
+        lg.info("old model versions pruned", n=len(plan.delete), mb=round(freed / 1e6, 1),
+                keep=keep, notes=list(plan.notes))
 
 
 def split_examples(examples: Sequence[TrainingExample], split: str, *,

@@ -1,7 +1,8 @@
 """Model versions: a directory under ``<state_dir>/models/<version>/`` plus a SQL row.
 
 Statuses: ``candidate`` (trained, not promoted), ``active`` (the one the daemon serves; one
-per kind), ``retired`` (was active), ``rejected`` (failed the gate).
+per kind), ``retired`` (was active), ``rejected`` (failed the gate). ``pruned_at`` is set
+when :mod:`distill.retention` deleted a version's files; the row stays.
 
 >>> v = new_version("classifier")                            # 'clf-20260101-120000-3fa9'
 >>> register(db, v, path, metrics=m, thresholds=t, config=c)  # doctest: +SKIP
@@ -37,13 +38,14 @@ class VersionInfo:
     training_run_id: int | None
     created_at: datetime | None
     promoted_at: datetime | None
+    pruned_at: datetime | None = None
 
 
 def _info(row: ModelVersion) -> VersionInfo:
     return VersionInfo(row.version, row.kind, row.path, row.status, row.base_model,
                        dict(row.metrics or {}), dict(row.thresholds or {}),
                        dict(row.config or {}), row.training_run_id, row.created_at,
-                       row.promoted_at)
+                       row.promoted_at, row.pruned_at)
 
 
 def models_dir(state_dir: Path) -> Path:
@@ -77,6 +79,15 @@ def get_version(db, version: str) -> VersionInfo | None:
     with db.session() as s:
         row = s.scalar(select(ModelVersion).where(ModelVersion.version == version))
         return _info(row) if row else None
+
+
+def list_versions(db, kind: str | None = None) -> list[VersionInfo]:
+    """Every version (of ``kind``), newest first."""
+    q = select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
+    if kind is not None:
+        q = q.where(ModelVersion.kind == kind)
+    with db.session() as s:
+        return [_info(r) for r in s.scalars(q)]
 
 
 def active_version(db, kind: str = "classifier") -> VersionInfo | None:

@@ -235,6 +235,8 @@ class ModelVersion(Base):
     training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # When `understudy models prune` deleted the files (the row stays: history, metrics).
+    pruned_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class KeyValue(Base):

@@ -52,9 +52,9 @@ def _root(
 
 
 def _register() -> None:
-    from agent.cli import admin, daemon, mail, review, simulate, student, teacher
+    from agent.cli import admin, daemon, mail, models, review, simulate, student, teacher
 
-    for module in (admin, mail, teacher, student, daemon, review, simulate):
+    for module in (admin, mail, teacher, student, models, daemon, review, simulate):
         module.register(app)
 
 

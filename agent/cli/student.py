@@ -88,8 +88,11 @@ def evaluate(
             db = app.database()
             info = registry.get_version(db, model) if model else registry.active_version(db)
             if info is None:
-                fail(f"no classifier version {model!r}" if model else
-                     "no classifier has been promoted yet: run `understudy retrain`")
+                fail(f"no classifier version {model!r} (`understudy models list`)" if model
+                     else "no classifier has been promoted yet: run `understudy retrain`")
+            if info.pruned_at:
+                fail(f"{info.version}'s files were deleted by `understudy models prune` "
+                     f"on {info.pruned_at:%Y-%m-%d}")
             path = Path(info.path)
         clf = Classifier.load(path, device=st.device, batch_size=st.batch_size)
         report = run_eval(clf, read_records_file(data), latency_sample=latency_sample)
@@ -148,7 +151,10 @@ def export_drafter(
         if row is None or row.kind != "drafter":
             what = f"a {row.kind} version" if row is not None else "not a known version"
             fail(f"{version!r} is {what} nor an adapter directory: pass a drafter version "
-                 "(`understudy status` shows the active one) or the path of a LoRA adapter")
+                 "(`understudy models list` shows them) or the path of a LoRA adapter")
+        if row.pruned_at:
+            fail(f"{version}'s files were deleted by `understudy models prune` on "
+                 f"{row.pruned_at:%Y-%m-%d}")
         adapter, name, base = Path(row.path), row.version, row.base_model or st.drafter
     try:
         merged = export_merged(base, adapter, out, dtype=dtype)

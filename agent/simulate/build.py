@@ -114,11 +114,14 @@ def run_simulation_from_settings(settings: Settings, *, stream: Path, test: Path
 
 
 def _retrainer(s: Settings, db: Database) -> Callable[[str], object]:
-    """trigger -> distill.pipeline.retrain on the replay's SQL log (the real gate)."""
+    """trigger -> distill.pipeline.retrain on the replay's SQL log (the real gate).
+
+    Every version's files stay (no pruning): a replay's models are for studying afterwards
+    (`understudy eval`, scripts/bench/valsize)."""
     def retrain(trigger: str):
         from distill.pipeline import retrain as run, retrain_kwargs
 
-        return run(db, **retrain_kwargs(s), trigger=trigger)
+        return run(db, **{**retrain_kwargs(s), "keep_versions": None}, trigger=trigger)
     return retrain
 
 

@@ -69,11 +69,17 @@ def test_retrain_from_records_creates_a_version_and_gates_the_next(db, state_dir
         statuses = {v.version: v.status for v in s.query(ModelVersion)}
     assert statuses == {r1.version: "retired", r2.version: "active"}
 
-    # Third run, gated by the paired sign test on the per-email outcomes of both models.
-    r3 = retrain(db, **_kw(state_dir, tiny_encoder_dir, gate_rule="sign_test"), data=data,
-                 trigger="manual")
+    # Third run, gated by the paired sign test on the per-email outcomes of both models,
+    # then pruned to the active and the last retired version (keep_versions=0).
+    r3 = retrain(db, **_kw(state_dir, tiny_encoder_dir, gate_rule="sign_test",
+                           keep_versions=0), data=data, trigger="manual")
     assert r3.status == "succeeded" and "better /" in r3.gate_reason, r3.gate_reason
     assert (registry.active_version(db).version == r3.version) == r3.promoted
+    # promoted: r1 (retired before r2) goes; rejected: r3 itself goes (r1 is last retired)
+    gone = r1.version if r3.promoted else r3.version
+    pruned = [v for v in registry.list_versions(db) if v.pruned_at]
+    assert [v.version for v in pruned] == [gone] and not os.path.exists(pruned[0].path)
+    assert all(os.path.isdir(v.path) for v in registry.list_versions(db) if not v.pruned_at)
 
 
 def test_killed_training_leaves_active_model_and_is_recorded(db, state_dir, tmp_path,
