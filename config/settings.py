@@ -124,6 +124,14 @@ class StudentSettings(_Section):
         "frozen in training; their output is computed once, so each step runs only the top "
         "(MiniLM-L6: 4 of 6 frozen, a training step ~4x cheaper on a CPU, same accuracy on "
         "Banking77). 0 fine-tunes the whole encoder.")
+    memory_weight: float = Field(
+        0.3, ge=0.0, lt=1.0, description="Weight of the memory's vote (the nearest training "
+        "examples by the pretrained encoder's sentence embedding) in the classifier's "
+        "probabilities; 0 turns it off. Needs freeze_layers > 0 (README, The student's "
+        "memory).")
+    memory_k: int = Field(10, ge=1, description="Nearest training examples that vote.")
+    memory_temperature: float = Field(
+        0.05, gt=0.0, description="Softmax temperature over their cosine similarities.")
     validation_split: Literal["auto", "time", "stable"] = Field(
         "auto", description="How retrain picks its validation and held-out examples: the "
         "newest (time), or by a hash of the message id from the representative labels, those "

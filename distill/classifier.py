@@ -17,6 +17,7 @@ import torch
 
 from distill.data import LabelSpace, bucketed_batches, pad
 from distill.errors import ModelFormatError
+from distill.memory import Memory
 from distill.model import HEADS, StudentModel, autocast_for, pick_device
 from storage.datasets import email_text
 from storage.types import Email, Triage
@@ -31,8 +32,10 @@ class Classifier:
     def __init__(self, model: StudentModel, tokenizer, labels: LabelSpace, *, version: str,
                  temperatures: dict[str, float], thresholds: dict[str, dict],
                  max_input_tokens: int, device: torch.device, batch_size: int = 32,
-                 bf16: bool = True, metrics: dict | None = None, config: dict | None = None):
+                 bf16: bool = True, metrics: dict | None = None, config: dict | None = None,
+                 memory=None):
         self.model = model.eval()
+        self.memory = memory  # distill.memory.Memory, or None (trained without one)
         self.tokenizer = tokenizer
         self.labels = labels
         self.version = version
@@ -64,12 +67,15 @@ class Classifier:
         model = StudentModel.from_config_dir(d, labels.sizes())
         model.load_state_dict(load_file(str(d / WEIGHTS)))
         model.to(dev)
+        memory = Memory.load(d, model)
+        if memory is not None:
+            memory.to(dev)
         tok = AutoTokenizer.from_pretrained(str(d))
         return cls(model, tok, labels, version=d.name, temperatures=meta["temperatures"],
                    thresholds=meta["thresholds"],
                    max_input_tokens=max_input_tokens or meta["max_input_tokens"],
                    device=dev, batch_size=batch_size, metrics=meta.get("metrics"),
-                   config=meta.get("config"))
+                   config=meta.get("config"), memory=memory)
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -82,12 +88,23 @@ class Classifier:
         out = {h: torch.empty(len(ids), len(self.labels.classes(h))) for h in HEADS}
         for batch in bucketed_batches([len(s) for s in ids], self.batch_size, shuffle=False):
             input_ids, mask = pad([ids[i] for i in batch], self.tokenizer.pad_token_id)
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            emb = None
             with autocast_for(self.device, self.bf16):
-                logits = self.model(input_ids.to(self.device), mask.to(self.device))
+                if self.memory is None:
+                    logits = self.model(input_ids, mask)
+                else:   # the bottom blocks are shared by the classifier and the memory
+                    k = self.memory.start
+                    hidden = self.model.bottom(input_ids, mask, k)
+                    logits = self.model.top(hidden, mask, k)
+                    emb = self.memory.embed(self.model, hidden, mask)
             index = torch.tensor(batch)
             for h in HEADS:
                 t = float(self.temperatures.get(h, 1.0))
-                out[h][index] = torch.softmax(logits[h].float() / t, -1).cpu()
+                p = torch.softmax(logits[h].float() / t, -1)
+                if emb is not None:
+                    p = self.memory.mix(p, emb, h)
+                out[h][index] = p.cpu()
         return out
 
     def classify(self, emails: Sequence[Email]) -> list[Triage]:

@@ -25,6 +25,7 @@ import torch
 from distill.calibrate import ece, fit_temperature
 from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_training_file
 from distill.losses import class_weights, head_loss
+from distill.memory import Memory
 from distill.model import HEADS, StudentModel, autocast_for, batched_logits, pick_device
 from distill.thresholds import NEVER, choose_threshold
 
@@ -36,7 +37,7 @@ DEFAULTS = dict(
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=4, cache_frozen=True,
-    cache_max_mb=2048,
+    cache_max_mb=2048, memory_weight=0.3, memory_k=10, memory_temperature=0.05,
 )
 
 
@@ -79,6 +80,11 @@ def train(run: dict) -> dict:
     # on every step (MiniLM-L6 with 4 of 6 frozen: a step ~4x cheaper on a CPU; README).
     frozen = model.freeze_bottom(cfg["freeze_layers"])
     cache = _bottom_cache(model, tr.ids, tok.pad_token_id, device, cfg) if frozen else None
+    # The memory (distill.memory) keeps the top blocks as pretrained: copy them now.
+    raw_top = Memory.pretrained_top(model, frozen) if cfg["memory_weight"] > 0 and frozen \
+        else None
+    if cfg["memory_weight"] > 0 and not frozen:
+        log(cfg, "memory needs a frozen bottom (freeze_layers > 0): trained without one")
     head_params = list(model.heads.parameters())
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     # Fresh heads learn faster than the pretrained encoder may move.
@@ -157,6 +163,15 @@ def train(run: dict) -> dict:
             log(cfg, "time budget spent, stopping")
             break
     model.load_state_dict(best["state"])
+    memory = val_emb = None
+    if raw_top is not None:
+        memory = Memory(raw_top, start=frozen, keys=_embed(model, raw_top, tr.ids, cache, tok,
+                                                            device, cfg),
+                        labels={h: torch.where(tr.hard[h] == IGNORE, -1, tr.hard[h])
+                                for h in trained_heads},
+                        k=cfg["memory_k"], tau=cfg["memory_temperature"],
+                        weight=cfg["memory_weight"])
+        val_emb = _embed(model, raw_top, va.ids, None, tok, device, cfg)
 
     # ---- calibration and thresholds on the validation split ---------------------------
     val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128, cfg["bf16"])
@@ -172,6 +187,13 @@ def train(run: dict) -> dict:
         lg, y = val_logits[h][keep], y[keep]
         t = fit_temperature(lg, y)
         p_before, p_after = torch.softmax(lg, -1), torch.softmax(lg / t, -1)
+        mixed = {}
+        if memory is not None and h in memory.heads:   # mix, then a second temperature
+            p_mix = memory.mix(p_after, val_emb[keep], h, temperature=1.0)
+            t2 = fit_temperature(p_mix.clamp(min=1e-12).log(), y)
+            memory.mix_temperatures[h] = t2
+            p_after = memory.mix(p_after, val_emb[keep], h)
+            mixed = {"mix_temperature": t2, "val_accuracy_mixed": _accuracy(p_after, y)}
         conf, pred = p_after.max(-1)
         choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
                                   epsilon=cfg["epsilon"], delta=cfg["delta"],
@@ -180,8 +202,8 @@ def train(run: dict) -> dict:
         thresholds[h] = {"trained": True, **choice.to_dict()}
         metrics[h] = {"val_accuracy": _accuracy(lg, y), "temperature": t,
                       "ece_before": ece(p_before, y), "ece_after": ece(p_after, y),
-                      "n_val": int(keep.sum())}
-        log(cfg, f"{h}: T={t:.3f} ECE {metrics[h]['ece_before']:.4f} -> "
+                      "n_val": int(keep.sum()), **mixed}
+        log(cfg, f"{h}: T={t:.3f}{' (memory: ' + str(mixed) + ')' if mixed else ''} ECE {metrics[h]['ece_before']:.4f} -> "
                  f"{metrics[h]['ece_after']:.4f}, threshold {choice.threshold:.4f} "
                  f"covers {choice.coverage:.3f} (bound {choice.bound:.4f})")
     for h in trained_heads:  # a head with training labels but none in validation
@@ -198,6 +220,8 @@ def train(run: dict) -> dict:
     tok.save_pretrained(out_dir)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(out_dir / "model.safetensors"))
+    if memory is not None:
+        memory.save(out_dir)
     meta = {"format": FORMAT, "labels": labels.to_dict(), "temperatures": temperatures,
             "thresholds": thresholds, "metrics": metrics, "base_model": cfg["encoder"],
             "max_input_tokens": cfg["max_input_tokens"],
@@ -242,6 +266,24 @@ def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device
     log(cfg, f"cached the output of {model.frozen} frozen blocks for {len(ids)} examples "
              f"({mb:.0f} MB) in {time.monotonic() - t:.1f}s")
     return cache
+
+
+@torch.inference_mode()
+def _embed(model, raw_top, ids: list[list[int]], cache, tok, device: torch.device,
+           cfg: dict) -> torch.Tensor:
+    """Pretrained sentence embeddings (the memory's keys): the frozen bottom's output (the
+    cache, or computed) through the pretrained top blocks, mean-pooled, normalised."""
+    mem = Memory(raw_top, start=model.frozen, keys=torch.empty(0), labels={})
+    out = torch.empty(len(ids), model.encoder.config.hidden_size)
+    model.eval()
+    for batch in bucketed_batches([len(s) for s in ids], 128, shuffle=False):
+        x, m = pad([ids[i] for i in batch], tok.pad_token_id)
+        x, m = x.to(device), m.to(device)
+        with autocast_for(device, cfg["bf16"]):
+            hidden = (_pad_hidden([cache[i] for i in batch], x.shape[1]).to(device)
+                      if cache is not None else model.bottom(x, m, model.frozen))
+            out[torch.tensor(batch)] = mem.embed(model, hidden, m).float().cpu()
+    return out
 
 
 def _pad_hidden(rows: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -121,3 +121,64 @@ def test_training_with_a_frozen_bottom_leaves_it_untouched_and_caching_changes_n
     moved = [k for k in orig if k.startswith("encoder.layer.1.")
              and not torch.equal(w[f"encoder.{k}"], orig[k])]
     assert moved, "the top block should have trained"
+
+
+def test_memory_holds_the_pretrained_embeddings_and_mixes_its_vote(tmp_path,
+                                                                   tiny_encoder_dir):  # noqa: F811
+    """The memory (distill.memory): keys are the *pretrained* encoder's sentence embeddings
+    of the training texts (not the fine-tuned one's), its vote is mixed as documented, the
+    thresholds are chosen on the mixture, and a reload gives the same probabilities."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from distill.memory import MEMORY_FILE
+
+    train_ex = read_records_file(write_jsonl(tmp_path / "tr.jsonl", synthetic_records(120, 1)))
+    val_ex = read_records_file(write_jsonl(tmp_path / "va.jsonl", synthetic_records(45, 2)))
+    labels = LabelSpace.build(["billing", "technical", "account"], ["normal", "high"], train_ex)
+    write_examples(tmp_path / "train.jsonl", train_ex)
+    write_examples(tmp_path / "val.jsonl", val_ex)
+    base = {**FAST, "epochs": 3, "encoder": str(tiny_encoder_dir), "labels": labels.to_dict(),
+            "train_path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
+            "device": "cpu", "freeze_layers": 1, "memory_weight": 0.4, "memory_k": 3,
+            "epsilon": 0.1}
+    m = train({**base, "out_dir": str(tmp_path / "mem")})
+    assert m["category"]["mix_temperature"] > 0 and "val_accuracy_mixed" in m["category"]
+    assert (tmp_path / "mem" / MEMORY_FILE).exists()
+    train({**base, "memory_weight": 0.0, "out_dir": str(tmp_path / "nomem")})
+    assert not (tmp_path / "nomem" / MEMORY_FILE).exists()
+
+    clf = Classifier.load(tmp_path / "mem", device="cpu")
+    mem = clf.memory
+    assert mem is not None and mem.start == 1 and len(mem.keys) == len(train_ex)
+    # keys: the pretrained encoder's mean-pooled, normalised embedding of each training text
+    tok = AutoTokenizer.from_pretrained(str(tiny_encoder_dir))
+    enc = AutoModel.from_pretrained(str(tiny_encoder_dir)).eval()
+    texts = [e.text for e in train_ex]
+    with torch.no_grad():
+        t = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hid = enc(**t).last_hidden_state
+        mask = t["attention_mask"].unsqueeze(-1).float()
+        want = torch.nn.functional.normalize((hid * mask).sum(1) / mask.sum(1), dim=-1)
+    cos = (want * mem.keys).sum(-1)
+    assert cos.min() > 0.99, cos.min()          # bf16 autocast: close, not bit-equal
+    # the vote: labels of the k nearest keys, softmax(similarity / tau)-weighted, mixed in
+    queries = [e.text for e in val_ex[:12]]
+    mixed = clf.probabilities(queries)["category"]
+    clf.memory = None
+    plain = clf.probabilities(queries)["category"]
+    clf.memory = mem
+    assert not torch.allclose(mixed, plain, atol=1e-3)
+    with torch.no_grad():
+        q = tok(queries, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hq = enc(**q).last_hidden_state
+        mq = q["attention_mask"].unsqueeze(-1).float()
+        eq = torch.nn.functional.normalize((hq * mq).sum(1) / mq.sum(1), dim=-1)
+    sim, idx = (eq @ mem.keys.T).topk(3, dim=-1)
+    vote = torch.zeros_like(plain).scatter_add_(1, mem.label_category[idx],
+                                                torch.softmax(sim / mem.tau, -1))
+    mix = (0.6 * plain + 0.4 * vote).log() / mem.mix_temperatures["category"]
+    assert torch.allclose(mixed, torch.softmax(mix, -1), atol=0.02)
+    # reload: same probabilities
+    again = Classifier.load(tmp_path / "mem", device="cpu").probabilities(queries)["category"]
+    assert torch.allclose(again, mixed, atol=1e-5)
