@@ -93,20 +93,27 @@ def test_frozen_bottom_split_forward_matches_the_full_forward(tiny_encoder_dir):
         assert torch.allclose(full[h], split[h], atol=1e-5)
 
 
+def _small_run(tmp_path, encoder_dir):
+    """120 training and 45 validation examples on disk, and a 3-epoch config with 1 of the
+    tiny encoder's blocks frozen."""
+    train_ex = read_records_file(write_jsonl(tmp_path / "tr.jsonl", synthetic_records(120, 1)))
+    val_ex = read_records_file(write_jsonl(tmp_path / "va.jsonl", synthetic_records(45, 2)))
+    labels = LabelSpace.build(["billing", "technical", "account"], ["normal", "high"], train_ex)
+    write_examples(tmp_path / "train.jsonl", train_ex)
+    write_examples(tmp_path / "val.jsonl", val_ex)
+    return train_ex, val_ex, {
+        **FAST, "epochs": 3, "encoder": str(encoder_dir), "labels": labels.to_dict(),
+        "train_path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
+        "device": "cpu", "freeze_layers": 1}
+
+
 def test_training_with_a_frozen_bottom_leaves_it_untouched_and_caching_changes_nothing(
         tmp_path, tiny_encoder_dir):  # noqa: F811
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    train_ex = read_records_file(write_jsonl(tmp_path / "tr.jsonl", synthetic_records(120, 1)))
-    val_ex = read_records_file(write_jsonl(tmp_path / "va.jsonl", synthetic_records(45, 2)))
-    labels = LabelSpace.build(["billing", "technical", "account"], ["normal", "high"], train_ex)
-    write_examples(tmp_path / "train.jsonl", train_ex)
-    write_examples(tmp_path / "val.jsonl", val_ex)
-    base = {**FAST, "epochs": 3, "encoder": str(tiny_encoder_dir), "labels": labels.to_dict(),
-            "train_path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
-            "device": "cpu", "freeze_layers": 1}
+    train_ex, val_ex, base = _small_run(tmp_path, tiny_encoder_dir)
     cached = train({**base, "out_dir": str(tmp_path / "cached"), "cache_frozen": True})
     plain = train({**base, "out_dir": str(tmp_path / "plain"), "cache_frozen": False})
     # The cache is an optimisation only: same seed, same losses, same model.
@@ -133,15 +140,8 @@ def test_memory_holds_the_pretrained_embeddings_and_mixes_its_vote(tmp_path,
 
     from distill.memory import MEMORY_FILE
 
-    train_ex = read_records_file(write_jsonl(tmp_path / "tr.jsonl", synthetic_records(120, 1)))
-    val_ex = read_records_file(write_jsonl(tmp_path / "va.jsonl", synthetic_records(45, 2)))
-    labels = LabelSpace.build(["billing", "technical", "account"], ["normal", "high"], train_ex)
-    write_examples(tmp_path / "train.jsonl", train_ex)
-    write_examples(tmp_path / "val.jsonl", val_ex)
-    base = {**FAST, "epochs": 3, "encoder": str(tiny_encoder_dir), "labels": labels.to_dict(),
-            "train_path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
-            "device": "cpu", "freeze_layers": 1, "memory_weight": 0.4, "memory_k": 3,
-            "epsilon": 0.1}
+    train_ex, val_ex, base = _small_run(tmp_path, tiny_encoder_dir)
+    base = {**base, "memory_weight": 0.4, "memory_k": 3, "epsilon": 0.1}
     m = train({**base, "out_dir": str(tmp_path / "mem")})
     assert m["category"]["mix_temperature"] > 0 and "val_accuracy_mixed" in m["category"]
     assert (tmp_path / "mem" / MEMORY_FILE).exists()
