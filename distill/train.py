@@ -81,10 +81,13 @@ def train(run: dict) -> dict:
     frozen = model.freeze_bottom(cfg["freeze_layers"])
     cache = _bottom_cache(model, tr.ids, tok.pad_token_id, device, cfg) if frozen else None
     # The memory (distill.memory) keeps the top blocks as pretrained: copy them now.
-    raw_top = Memory.pretrained_top(model, frozen) if cfg["memory_weight"] > 0 and frozen \
-        else None
-    if cfg["memory_weight"] > 0 and not frozen:
-        log(cfg, "memory needs a frozen bottom (freeze_layers > 0): trained without one")
+    raw_top = None
+    if cfg["memory_weight"] > 0:
+        if frozen and tr.ids and _split_matches(model, tr.ids, tok.pad_token_id, device):
+            raw_top = Memory.pretrained_top(model, frozen)
+        else:
+            log(cfg, "the memory needs a frozen bottom (freeze_layers > 0) whose split "
+                     "forward matches the full one: trained without one")
     head_params = list(model.heads.parameters())
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     # Fresh heads learn faster than the pretrained encoder may move.
@@ -246,13 +249,7 @@ def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device
     if mb > cfg["cache_max_mb"]:
         log(cfg, f"frozen-bottom cache would take {mb:.0f} MB > cache_max_mb; not caching")
         return None
-    model.eval()
-    probe, mask = pad(ids[:8], pad_id)
-    probe, mask = probe.to(device), mask.to(device)
-    with torch.no_grad():
-        full = model(probe, mask)["category"]
-        split = model.top(model.bottom(probe, mask, model.frozen), mask, model.frozen)
-    if not torch.allclose(full, split["category"], atol=1e-3, rtol=1e-3):
+    if not _split_matches(model, ids, pad_id, device):
         log(cfg, "split forward differs from the full one for this encoder; not caching")
         return None
     t = time.monotonic()
@@ -284,6 +281,18 @@ def _embed(model, raw_top, ids: list[list[int]], cache, tok, device: torch.devic
                       if cache is not None else model.bottom(x, m, model.frozen))
             out[torch.tensor(batch)] = mem.embed(model, hidden, m).float().cpu()
     return out
+
+
+def _split_matches(model, ids: list[list[int]], pad_id: int, device: torch.device) -> bool:
+    """Whether ``top(bottom(x))`` reproduces ``forward(x)`` for this encoder (the frozen
+    cache and the memory at inference both run the split forward)."""
+    model.eval()
+    probe, mask = pad(ids[:8], pad_id)
+    probe, mask = probe.to(device), mask.to(device)
+    with torch.no_grad():
+        full = model(probe, mask)["category"]
+        split = model.top(model.bottom(probe, mask, model.frozen), mask, model.frozen)
+    return torch.allclose(full, split["category"], atol=1e-3, rtol=1e-3)
 
 
 def _pad_hidden(rows: list[torch.Tensor], length: int) -> torch.Tensor:
