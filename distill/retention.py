@@ -36,6 +36,7 @@ from storage.models import ModelVersion, TrainingRun
 log = structlog.get_logger(__name__)
 
 PREFIXES = tuple(f"{p}-" for p in registry.PREFIX.values())
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # A "running" training row older than this is a crashed process, not a live training.
 RUNNING_FOR_AT_MOST = timedelta(hours=24)
 
@@ -100,9 +101,9 @@ def plan_prune(db, state_dir: Path, keep: int) -> PrunePlan:
     for kind in sorted({v.kind for v in versions}):
         mine = [v for v in versions if v.kind == kind and v.pruned_at is None]
         retired = [v for v in mine if v.status == "retired"]
-        last_retired = max(retired, key=lambda v: (_aware(v.promoted_at) or datetime.min
-                                                   .replace(tzinfo=timezone.utc),
-                                                   _aware(v.created_at)), default=None)
+        last_retired = max(retired, key=lambda v: (_aware(v.promoted_at) or EPOCH,
+                                                   _aware(v.created_at) or EPOCH),
+                           default=None)
         others = 0
         for v in mine:
             if v.status == "active" or v is last_retired:
