@@ -99,11 +99,12 @@ class Classifier:
                     logits = self.model.top(hidden, mask, k)
                     emb = self.memory.embed(self.model, hidden, mask)
             index = torch.tensor(batch)
+            sim = None if emb is None else self.memory.similarity(emb)
             for h in HEADS:
                 t = float(self.temperatures.get(h, 1.0))
                 p = torch.softmax(logits[h].float() / t, -1)
                 if emb is not None:
-                    p = self.memory.mix(p, emb, h)
+                    p = self.memory.mix(p, emb, h, sim=sim)
                 out[h][index] = p.cpu()
         return out
 

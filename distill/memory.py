@@ -60,15 +60,16 @@ class Memory(nn.Module):
         before training changes them)."""
         return copy.deepcopy(model.blocks()[start:]).eval()
 
-    @torch.no_grad()
     def embed(self, model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The pretrained sentence embedding from the shared bottom's output, normalised."""
-        from distill.model import _mean_pool
+        return pretrained_embedding(model, self.blocks, hidden, attention_mask)
 
-        out = model._run_blocks(hidden, attention_mask, self.blocks)
-        return nn.functional.normalize(_mean_pool(out.float(), attention_mask), dim=-1)
+    def similarity(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, N) cosine similarity to every key; compute once per batch for all heads."""
+        return emb.float() @ self.keys.float().T
 
-    def knn(self, emb: torch.Tensor, head: str, n_classes: int) -> torch.Tensor | None:
+    def knn(self, emb: torch.Tensor, head: str, n_classes: int,
+            sim: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, classes) vote of the nearest labelled training examples, or None."""
         if head not in self.heads:
             return None
@@ -76,16 +77,17 @@ class Memory(nn.Module):
         have = y >= 0
         if int(have.sum()) == 0:
             return None
-        keys, y = (self.keys, y) if bool(have.all()) else (self.keys[have], y[have])
-        sim = emb.float() @ keys.float().T
+        sim = self.similarity(emb) if sim is None else sim
+        if not bool(have.all()):
+            sim, y = sim[:, have], y[have]
         v, i = sim.topk(min(self.k, len(y)), dim=-1)
         w = torch.softmax(v / self.tau, dim=-1)
         return torch.zeros(len(emb), n_classes, device=emb.device).scatter_add_(1, y[i], w)
 
     def mix(self, probs: torch.Tensor, emb: torch.Tensor, head: str,
-            temperature: float | None = None) -> torch.Tensor:
+            temperature: float | None = None, sim: torch.Tensor | None = None) -> torch.Tensor:
         """The mixed, recalibrated probabilities of one head (``probs`` calibrated)."""
-        vote = self.knn(emb, head, probs.shape[-1])
+        vote = self.knn(emb, head, probs.shape[-1], sim)
         if vote is None:
             return probs
         p = (1.0 - self.weight) * probs + self.weight * vote
@@ -123,3 +125,14 @@ class Memory(nn.Module):
         return cls(blocks, start=meta["start"], keys=tensors["keys"].float(), labels=labels,
                    k=meta["k"], tau=meta["tau"], weight=meta["weight"],
                    mix_temperatures=meta.get("mix_temperatures"))
+
+
+@torch.no_grad()
+def pretrained_embedding(model, blocks: nn.ModuleList, hidden: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (the shared bottom's output) through the pretrained ``blocks``,
+    mean-pooled and normalised: the memory's keys and queries."""
+    from distill.model import _mean_pool
+
+    out = model._run_blocks(hidden, attention_mask, blocks)
+    return nn.functional.normalize(_mean_pool(out.float(), attention_mask), dim=-1)

@@ -25,7 +25,7 @@ import torch
 from distill.calibrate import ece, fit_temperature
 from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_training_file
 from distill.losses import class_weights, head_loss
-from distill.memory import Memory
+from distill.memory import Memory, pretrained_embedding
 from distill.model import HEADS, StudentModel, autocast_for, batched_logits, pick_device
 from distill.thresholds import NEVER, choose_threshold
 
@@ -192,10 +192,10 @@ def train(run: dict) -> dict:
         p_before, p_after = torch.softmax(lg, -1), torch.softmax(lg / t, -1)
         mixed = {}
         if memory is not None and h in memory.heads:   # mix, then a second temperature
-            p_mix = memory.mix(p_after, val_emb[keep], h, temperature=1.0)
-            t2 = fit_temperature(p_mix.clamp(min=1e-12).log(), y)
+            log_mix = memory.mix(p_after, val_emb[keep], h, temperature=1.0).log()
+            t2 = fit_temperature(log_mix, y)
             memory.mix_temperatures[h] = t2
-            p_after = memory.mix(p_after, val_emb[keep], h)
+            p_after = torch.softmax(log_mix / t2, -1)   # what Memory.mix now returns
             mixed = {"mix_temperature": t2, "val_accuracy_mixed": _accuracy(p_after, y)}
         conf, pred = p_after.max(-1)
         choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
@@ -206,7 +206,8 @@ def train(run: dict) -> dict:
         metrics[h] = {"val_accuracy": _accuracy(lg, y), "temperature": t,
                       "ece_before": ece(p_before, y), "ece_after": ece(p_after, y),
                       "n_val": int(keep.sum()), **mixed}
-        log(cfg, f"{h}: T={t:.3f}{' (memory: ' + str(mixed) + ')' if mixed else ''} ECE {metrics[h]['ece_before']:.4f} -> "
+        mem_note = f" then T2={mixed['mix_temperature']:.3f} on the memory mix" if mixed else ""
+        log(cfg, f"{h}: T={t:.3f}{mem_note} ECE {metrics[h]['ece_before']:.4f} -> "
                  f"{metrics[h]['ece_after']:.4f}, threshold {choice.threshold:.4f} "
                  f"covers {choice.coverage:.3f} (bound {choice.bound:.4f})")
     for h in trained_heads:  # a head with training labels but none in validation
@@ -270,7 +271,6 @@ def _embed(model, raw_top, ids: list[list[int]], cache, tok, device: torch.devic
            cfg: dict) -> torch.Tensor:
     """Pretrained sentence embeddings (the memory's keys): the frozen bottom's output (the
     cache, or computed) through the pretrained top blocks, mean-pooled, normalised."""
-    mem = Memory(raw_top, start=model.frozen, keys=torch.empty(0), labels={})
     out = torch.empty(len(ids), model.encoder.config.hidden_size)
     model.eval()
     for batch in bucketed_batches([len(s) for s in ids], 128, shuffle=False):
@@ -279,7 +279,7 @@ def _embed(model, raw_top, ids: list[list[int]], cache, tok, device: torch.devic
         with autocast_for(device, cfg["bf16"]):
             hidden = (_pad_hidden([cache[i] for i in batch], x.shape[1]).to(device)
                       if cache is not None else model.bottom(x, m, model.frozen))
-            out[torch.tensor(batch)] = mem.embed(model, hidden, m).float().cpu()
+            out[torch.tensor(batch)] = pretrained_embedding(model, raw_top, hidden, m).cpu()
     return out
 
 
