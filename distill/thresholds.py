@@ -14,7 +14,7 @@ probability at least 1 - delta the chosen threshold's true risk is at most epsil
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import count, islice
 
@@ -40,16 +40,18 @@ class ThresholdChoice:
     delta: float
     coverage: float        # fraction of the calibration data at or above the threshold
     risk: float            # empirical disagreement among those
-    bound: float           # Clopper-Pearson upper bound on that risk (<= epsilon if valid)
+    bound: float           # Clopper-Pearson upper bound on that risk (at the level spent)
     n: int
-    first_test: int = 0    # examples the first test handled (where the sequence started)
+    first_test: int = 0    # examples the first test of the certifying run handled
+    starts: int = 1        # starts that shared delta (fallback procedure)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float = 0.05,
-                     grid_size: int = 200, start_fraction: float = 0.0) -> ThresholdChoice:
+                     grid_size: int = 200,
+                     start_fraction: float | Sequence[float] = 0.0) -> ThresholdChoice:
     """The lowest threshold on the grid whose risk is certified below ``epsilon``.
 
     The grid is fixed before looking at errors (quantiles of the confidences only, which
@@ -62,30 +64,55 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     most confident examples: started at the top, the first test needs its 149 examples
     (at 2%, 95%) free of errors, and one disputed label there ends the sequence. The price
     is that no coverage below the start can be certified.
+
+    Several starts (a sequence of fractions) spread ``delta`` over them in equal parts and
+    test by the fallback procedure (Wiens 2003), which keeps the family-wise error at
+    ``delta``: the sequence runs from the first start at its part of ``delta``; reaching a
+    later start adds that start's part to the level; a failure spends the level, and
+    testing resumes at the next start with its own part. Every threshold that passes is
+    certified, and the one covering most is kept. What it buys: a confident error near
+    one start (three disputed labels just above 40% of the data, say) no longer decides
+    alone, since the sequence resumes deeper, where such a cluster is diluted, and a
+    sequence that runs clean from the top arrives deeper at the full level.
     """
+    starts = sorted({float(start_fraction)} if np.ndim(start_fraction) == 0
+                    else {float(s) for s in start_fraction})
+    if not starts:
+        raise ValueError("start_fraction: give at least one start")
     conf = np.asarray(confidence, dtype=float)
     wrong = ~np.asarray(correct, dtype=bool)
     n = len(conf)
     if n == 0:
-        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0)
+        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0, starts=len(starts))
+    part = delta / len(starts)
+    # Where each start's part of delta enters: counts only, fixed before any label is seen.
+    checkpoints = [first_test_size(n, epsilon, part, s) for s in starts]
     qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, grid_size + 1)))[::-1]
     order = np.argsort(-conf)
     sorted_conf, sorted_wrong = conf[order], wrong[order]
     cum_wrong = np.cumsum(sorted_wrong)
-    k_start = first_test_size(n, epsilon, delta, start_fraction)
-    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n, k_start)
+    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n, checkpoints[0],
+                           len(starts))
+    level, reached, run_start = 0.0, 0, checkpoints[0]
     for lam in qs:
         k = int(np.searchsorted(-sorted_conf, -lam, side="right"))  # count conf >= lam
-        if k < k_start:
-            # Too few examples above lam to certify epsilon even with no errors, or fewer
-            # than the chosen start: not a test at all (decided from counts alone, so the
-            # sequence stays valid).
+        while reached < len(checkpoints) and k >= checkpoints[reached]:
+            if level == 0.0:
+                run_start = checkpoints[reached]
+            level += part
+            reached += 1
+        if level == 0.0:
+            # Above the first start, or after a failure and before the next start: not a
+            # test at all (decided from counts alone, so the guarantee holds).
             continue
         errs = int(cum_wrong[k - 1])
-        ub = clopper_pearson_upper(errs, k, delta)
+        ub = clopper_pearson_upper(errs, k, level)
         if ub > epsilon:
-            break
-        best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n, k_start)
+            level = 0.0          # not rejected: its level is spent
+            continue
+        if k / n > best.coverage:
+            best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n,
+                                   run_start, len(starts))
     return best
 
 
