@@ -26,6 +26,11 @@ META = "meta.json"
 WEIGHTS = "model.safetensors"
 
 
+def missing_files(version_dir: str | Path) -> list[str]:
+    """The files a classifier version needs that ``version_dir`` lacks (empty: loadable)."""
+    return [n for n in (META, WEIGHTS) if not (Path(version_dir) / n).is_file()]
+
+
 class Classifier:
     """Implements :class:`agent.protocols.StudentClassifier` (plus thresholds)."""
 
@@ -56,7 +61,7 @@ class Classifier:
         from transformers import AutoTokenizer
 
         d = Path(version_dir)
-        if not (d / META).exists() or not (d / WEIGHTS).exists():
+        if missing_files(d):
             raise ModelFormatError(f"{d} is not a classifier version (needs {META} and "
                                    f"{WEIGHTS}); train one with `understudy retrain`")
         meta = json.loads((d / META).read_text())

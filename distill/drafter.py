@@ -224,6 +224,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.
            "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
+def missing_files(version_dir: str | Path) -> list[str]:
+    """The files a drafter version (an adapter directory) needs that it lacks."""
+    return [n for n in (ADAPTER_META,) if not (Path(version_dir) / n).is_file()]
+
+
 def _read_meta(model_dir: Path) -> dict:
     meta = Path(model_dir) / ADAPTER_META
     try:

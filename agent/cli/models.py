@@ -79,14 +79,12 @@ def list_models(
 
 def _loadable(v) -> str | None:
     """Why the version's files cannot serve, or None."""
-    from distill.classifier import META, WEIGHTS
-    from distill.drafter import ADAPTER_META
+    from distill import classifier, drafter
 
     path = Path(v.path)
     if v.pruned_at:
         return f"its files were deleted by `understudy models prune` on {_when(v.pruned_at)}"
-    need = (META, WEIGHTS) if v.kind == "classifier" else (ADAPTER_META,)
-    missing = [n for n in need if not (path / n).is_file()]
+    missing = (classifier if v.kind == "classifier" else drafter).missing_files(path)
     if missing:
         return f"{path} lacks {', '.join(missing)}"
     return None
