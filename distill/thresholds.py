@@ -44,6 +44,7 @@ class ThresholdChoice:
     n: int
     first_test: int = 0    # examples the first test of the certifying run handled
     starts: int = 1        # starts that shared delta (fallback procedure)
+    start: float = 0.0     # the start fraction of the certifying run (auto: the one chosen)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +52,7 @@ class ThresholdChoice:
 
 def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float = 0.05,
                      grid_size: int = 200,
-                     start_fraction: float | Sequence[float] = 0.0) -> ThresholdChoice:
+                     start_fraction: float | Sequence[float] | str = 0.0) -> ThresholdChoice:
     """The lowest threshold on the grid whose risk is certified below ``epsilon``.
 
     The grid is fixed before looking at errors (quantiles of the confidences only, which
@@ -74,7 +75,16 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     one start (three disputed labels just above 40% of the data, say) no longer decides
     alone, since the sequence resumes deeper, where such a cluster is diluted, and a
     sequence that runs clean from the top arrives deeper at the full level.
+
+    ``"auto"`` picks one start from the confidences alone (:func:`auto_start`) and runs one
+    fixed sequence from it at the full ``delta``.
     """
+    if isinstance(start_fraction, str):
+        if start_fraction != AUTO:
+            raise ValueError(f"start_fraction: {start_fraction!r} is neither a number, a "
+                             f"list of numbers nor {AUTO!r}")
+        start_fraction = auto_start(confidence, epsilon=epsilon, delta=delta,
+                                    grid_size=grid_size)
     starts = sorted({float(start_fraction)} if np.ndim(start_fraction) == 0
                     else {float(s) for s in start_fraction})
     if not starts:
@@ -83,7 +93,8 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     wrong = ~np.asarray(correct, dtype=bool)
     n = len(conf)
     if n == 0:
-        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0, starts=len(starts))
+        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0, starts=len(starts),
+                               start=starts[0])
     part = delta / len(starts)
     # Where each start's part of delta enters: counts only, fixed before any label is seen.
     checkpoints = [first_test_size(n, epsilon, part, s) for s in starts]
@@ -91,29 +102,98 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     order = np.argsort(-conf)
     sorted_conf, sorted_wrong = conf[order], wrong[order]
     cum_wrong = np.cumsum(sorted_wrong)
+    ks = np.searchsorted(-sorted_conf, -qs, side="right")        # count conf >= lam
+    errs = cum_wrong[np.maximum(ks - 1, 0)]
+    # The bound at every grid point for every level the procedure can reach (u parts of
+    # delta), in one vectorised call per level.
+    bounds = {u: _upper_bounds(errs, ks, u * part) for u in range(1, len(starts) + 1)}
     best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n, checkpoints[0],
-                           len(starts))
-    level, reached, run_start = 0.0, 0, checkpoints[0]
-    for lam in qs:
-        k = int(np.searchsorted(-sorted_conf, -lam, side="right"))  # count conf >= lam
+                           len(starts), starts[0])
+    parts, reached, run_start = 0, 0, 0
+    for j, (lam, k) in enumerate(zip(qs, ks)):
         while reached < len(checkpoints) and k >= checkpoints[reached]:
-            if level == 0.0:
-                run_start = checkpoints[reached]
-            level += part
+            if parts == 0:
+                run_start = reached
+            parts += 1
             reached += 1
-        if level == 0.0:
+        if parts == 0:
             # Above the first start, or after a failure and before the next start: not a
             # test at all (decided from counts alone, so the guarantee holds).
             continue
-        errs = int(cum_wrong[k - 1])
-        ub = clopper_pearson_upper(errs, k, level)
+        ub = float(bounds[parts][j])
         if ub > epsilon:
-            level = 0.0          # not rejected: its level is spent
+            parts = 0            # not rejected: its level is spent
             continue
         if k / n > best.coverage:
-            best = ThresholdChoice(float(lam), epsilon, delta, k / n, errs / k, ub, n,
-                                   run_start, len(starts))
+            best = ThresholdChoice(float(lam), epsilon, delta, int(k) / n, int(errs[j]) / k,
+                                   ub, n, checkpoints[run_start], len(starts),
+                                   starts[run_start])
     return best
+
+
+def _upper_bounds(errors: np.ndarray, n: np.ndarray, delta: float) -> np.ndarray:
+    """:func:`clopper_pearson_upper` over arrays of counts."""
+    errors, n = np.asarray(errors), np.asarray(n)
+    some = (n > 0) & (errors < n)
+    out = np.ones(len(n))
+    out[some] = beta.ppf(1.0 - delta, errors[some] + 1, n[some] - errors[some])
+    return out
+
+
+AUTO = "auto"
+AUTO_CANDIDATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def auto_start(confidence, *, epsilon: float = 0.02, delta: float = 0.05,
+               candidates: Sequence[float] = AUTO_CANDIDATES, draws: int = 200,
+               grid_size: int = 200, seed: int = 0) -> float:
+    """The start that certifies most on average if the confidences were honest.
+
+    Where a fixed sequence should start depends on where the errors lie: from the top it
+    needs the first 149 free of them, from 40% a cluster just above that point ends it.
+    This simulates the calibration set ``draws`` times with each example wrong with
+    probability ``1 - confidence`` (the calibrated model's own estimate), runs the
+    sequence from every candidate start on each, and returns the start whose mean
+    certified coverage is highest (the shallower one on ties). It reads the confidences
+    only, never which examples are wrong, so, like the grid, it is fixed before the test
+    sees a label and the guarantee holds.
+
+    On draws from a replay's test file it chose the best of the fixed starts every time
+    (``scripts/bench/valsize --starts 0 0.4 auto``).
+    """
+    conf = np.asarray(confidence, dtype=float)
+    n = len(conf)
+    if n == 0:
+        return float(candidates[0])
+    sorted_conf = np.sort(conf)[::-1]
+    qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, grid_size + 1)))[::-1]
+    ks = np.searchsorted(-sorted_conf, -qs, side="right")
+    ks = ks[ks > 0]                                   # counts handled, strictest first
+    allowed = _allowed_errors(n, epsilon, delta)
+    rng = np.random.default_rng(seed)
+    wrong = rng.random((draws, n)) < (1.0 - sorted_conf)[None, :]
+    passed = np.cumsum(wrong, axis=1)[:, ks - 1] <= allowed[ks][None, :]   # (draws, grid)
+    mean_cov = []
+    for s in candidates:
+        tested = ks >= first_test_size(n, epsilon, delta, s)
+        k_t, ok = ks[tested], passed[:, tested]
+        if k_t.size == 0:
+            mean_cov.append(0.0)
+            continue
+        runs = np.cumprod(ok, axis=1).sum(axis=1)     # tests passed before the first failure
+        mean_cov.append(float(np.where(runs > 0, k_t[np.maximum(runs - 1, 0)], 0).mean() / n))
+    return float(candidates[int(np.argmax(mean_cov))])    # argmax: the first of equals
+
+
+def _allowed_errors(n: int, epsilon: float, delta: float) -> np.ndarray:
+    """For k = 0..n, the most errors among k handled examples that still certify
+    ``epsilon`` (-1: none can)."""
+    allowed = np.full(n + 1, -1, dtype=np.int64)
+    for errors, k in enumerate(_certifiable_counts(epsilon, delta)):
+        if k > n:
+            break
+        allowed[k:] = errors
+    return allowed
 
 
 def min_certifiable(epsilon: float, delta: float, errors: int = 0) -> int:
@@ -125,15 +205,23 @@ def min_certifiable(epsilon: float, delta: float, errors: int = 0) -> int:
     return next(islice(_certifiable_counts(epsilon, delta), errors, None))
 
 
+_COUNTS: dict[tuple[float, float], list[int]] = {}   # (epsilon, delta) -> counts found so far
+
+
 def _certifiable_counts(epsilon: float, delta: float) -> Iterator[int]:
     """:func:`min_certifiable` for 0, 1, 2, ... errors, in one walk up the counts (each is
-    at least the one before, so the walk never goes back)."""
-    k = int(np.ceil(np.log(delta) / np.log1p(-epsilon)))  # zero errors: closed form
-    yield k
-    for errors in count(1):
-        while clopper_pearson_upper(errors, k, delta) > epsilon:
-            k += 1
-        yield k
+    at least the one before, so the walk never goes back). The walk costs a Clopper-Pearson
+    bound per count, so the counts found are kept for the next call."""
+    known = _COUNTS.setdefault((epsilon, delta), [])
+    if not known:
+        known.append(int(np.ceil(np.log(delta) / np.log1p(-epsilon))))  # zero: closed form
+    for errors in count(0):
+        if errors == len(known):
+            k = known[-1]
+            while clopper_pearson_upper(errors, k, delta) > epsilon:
+                k += 1
+            known.append(k)
+        yield known[errors]
 
 
 def first_test_size(n: int, epsilon: float, delta: float, fraction: float) -> int:

@@ -10,8 +10,8 @@ from distill.calibrate import ece, fit_temperature
 from distill.data import IGNORE
 from distill.gate import gate
 from distill.losses import class_weights, head_loss
-from distill.thresholds import (NEVER, calibration_size, choose_threshold, clopper_pearson_upper,
-                                coverage_at_risk, min_certifiable)
+from distill.thresholds import (NEVER, auto_start, calibration_size, choose_threshold,
+                                clopper_pearson_upper, coverage_at_risk, min_certifiable)
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
@@ -111,6 +111,48 @@ def test_fallback_carries_the_level_of_a_clean_run_to_the_next_start():
     single = choose_threshold(conf, correct)
     assert multi.coverage == single.coverage == 1.0
     assert multi.bound == pytest.approx(single.bound)
+
+
+def test_auto_start_keeps_the_promise_and_matches_the_best_fixed_start():
+    # Honest confidences: c ~ Beta(30, 1), wrong with probability 1 - c. The true risk above
+    # a threshold is estimated on a million fresh examples.
+    eps, delta, draws, n = 0.02, 0.05, 150, 1000
+    rng = np.random.default_rng(3)
+    big = np.sort(rng.beta(30, 1, size=1_000_000))[::-1]
+    tail_risk = np.cumsum(1 - big) / np.arange(1, len(big) + 1)
+
+    def true_risk(lam):
+        return tail_risk[max(int(np.searchsorted(-big, -lam, side="right")) - 1, 0)]
+
+    covs = {"auto": [], 0.0: [], 0.4: [], 0.7: []}
+    violations, starts = 0, set()
+    for _ in range(draws):
+        c = rng.beta(30, 1, size=n)
+        correct = rng.uniform(size=n) < c
+        for key in covs:
+            choice = choose_threshold(c, correct, epsilon=eps, delta=delta, start_fraction=key)
+            covs[key].append(choice.coverage)
+            if key == "auto":
+                starts.add(choice.start)
+                if choice.threshold < NEVER:
+                    violations += true_risk(choice.threshold) > eps
+    assert violations / draws <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
+    mean = {k: np.mean(v) for k, v in covs.items()}
+    assert mean["auto"] >= max(mean[0.0], mean[0.4], mean[0.7]) - 0.02
+    assert mean["auto"] > min(mean[0.0], mean[0.4], mean[0.7]) + 0.05   # the choice matters
+    assert len(starts) <= 2                     # the same data shape gives the same start
+
+
+def test_auto_start_reads_confidences_only_and_goes_deeper_for_a_surer_model():
+    rng = np.random.default_rng(4)
+    c = rng.beta(40, 1, size=900)
+    a = choose_threshold(c, rng.uniform(size=900) < c, start_fraction="auto")
+    b = choose_threshold(c, np.zeros(900, dtype=bool), start_fraction="auto")
+    assert a.start == b.start == auto_start(c) and a.starts == 1
+    assert b.threshold == NEVER                 # all wrong: nothing certified, from any start
+    assert auto_start(rng.beta(80, 1, size=900)) > auto_start(rng.beta(15, 1, size=900))
+    with pytest.raises(ValueError, match="auto"):
+        choose_threshold(c, np.ones(900, dtype=bool), start_fraction="deep")
 
 
 def test_threshold_refuses_when_nothing_can_be_certified():
