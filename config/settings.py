@@ -163,22 +163,16 @@ class StudentSettings(_Section):
         "~1.5 min on 2 idle cores, over 10 min while the old server is busy drafting.")
 
 
-StartFraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-StartList = Annotated[list[StartFraction], Field(min_length=1)]
-
-
 class RouterSettings(_Section):
     target_risk: float = Field(0.02, gt=0.0, lt=1.0, description="epsilon: allowed disagreement.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="1 - delta.")
-    threshold_start: Literal["auto"] | StartFraction | StartList = Field(
+    threshold_start: Literal["auto"] | Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         "auto", description="Where the threshold test starts, as a share of the calibration "
-        "examples. One value runs one fixed sequence from there: thresholds handling fewer "
-        "are not tested. 0 starts at the most confident 149 (at 2%, 95%), which must then "
-        "hold no error at all; 0.4 lets a few confident errors through but certifies "
-        "nothing if they cluster just above 40%. 'auto' picks the start per retrain from "
-        "the calibrated confidences alone (the one that would certify most if they were "
-        "honest). A list spreads delta over its starts (fallback procedure: a failure "
-        "resumes testing at the next start). Every choice keeps the guarantee.")
+        "examples: thresholds handling fewer are not tested. 0 starts at the most "
+        "confident 149 (at 2%, 95%), which must then hold no error at all; 0.4 lets a few "
+        "confident errors through but certifies nothing if they cluster just above 40%. "
+        "'auto' picks the start per retrain from the calibrated confidences alone (the one "
+        "that would certify most if they were honest). Every choice keeps the guarantee.")
     audit_fraction: float = Field(
         0.03, ge=0.0, le=1.0, description="Share of arriving mail in the audit sample (a "
         "hash of the Message-ID): the teacher labels the sampled emails the student handled, "

@@ -40,19 +40,17 @@ class ThresholdChoice:
     delta: float
     coverage: float        # fraction of the calibration data at or above the threshold
     risk: float            # empirical disagreement among those
-    bound: float           # Clopper-Pearson upper bound on that risk (at the level spent)
+    bound: float           # Clopper-Pearson upper bound on that risk (<= epsilon if valid)
     n: int
-    first_test: int = 0    # examples the first test of the certifying run handled
-    starts: int = 1        # starts that shared delta (fallback procedure)
-    start: float = 0.0     # the start fraction of the certifying run (auto: the one chosen)
+    first_test: int = 0    # examples the first test handled (where the sequence started)
+    start: float = 0.0     # the start as a share of n (with "auto": the one it chose)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float = 0.05,
-                     grid_size: int = 200,
-                     start_fraction: float | Sequence[float] | str = 0.0) -> ThresholdChoice:
+                     grid_size: int = 200, start_fraction: float | str = 0.0) -> ThresholdChoice:
     """The lowest threshold on the grid whose risk is certified below ``epsilon``.
 
     The grid is fixed before looking at errors (quantiles of the confidences only, which
@@ -64,70 +62,41 @@ def choose_threshold(confidence, correct, *, epsilon: float = 0.02, delta: float
     the guarantee holds. What it buys is tolerance for a few confident errors among the
     most confident examples: started at the top, the first test needs its 149 examples
     (at 2%, 95%) free of errors, and one disputed label there ends the sequence. The price
-    is that no coverage below the start can be certified.
+    is that no coverage below the start can be certified, and that a cluster of errors
+    just above the start ends the sequence there.
 
-    Several starts (a sequence of fractions) spread ``delta`` over them in equal parts and
-    test by the fallback procedure (Wiens 2003), which keeps the family-wise error at
-    ``delta``: the sequence runs from the first start at its part of ``delta``; reaching a
-    later start adds that start's part to the level; a failure spends the level, and
-    testing resumes at the next start with its own part. Every threshold that passes is
-    certified, and the one covering most is kept. What it buys: a confident error near
-    one start (three disputed labels just above 40% of the data, say) no longer decides
-    alone, since the sequence resumes deeper, where such a cluster is diluted, and a
-    sequence that runs clean from the top arrives deeper at the full level.
-
-    ``"auto"`` picks one start from the confidences alone (:func:`auto_start`) and runs one
-    fixed sequence from it at the full ``delta``.
+    ``"auto"`` picks the start from the confidences alone (:func:`auto_start`).
     """
     if isinstance(start_fraction, str):
         if start_fraction != AUTO:
-            raise ValueError(f"start_fraction: {start_fraction!r} is neither a number, a "
-                             f"list of numbers nor {AUTO!r}")
+            raise ValueError(f"start_fraction: {start_fraction!r} is neither a number nor "
+                             f"{AUTO!r}")
         start_fraction = auto_start(confidence, epsilon=epsilon, delta=delta,
                                     grid_size=grid_size)
-    starts = sorted({float(start_fraction)} if np.ndim(start_fraction) == 0
-                    else {float(s) for s in start_fraction})
-    if not starts:
-        raise ValueError("start_fraction: give at least one start")
+    start = float(start_fraction)
     conf = np.asarray(confidence, dtype=float)
     wrong = ~np.asarray(correct, dtype=bool)
     n = len(conf)
     if n == 0:
-        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0, starts=len(starts),
-                               start=starts[0])
-    part = delta / len(starts)
-    # Where each start's part of delta enters: counts only, fixed before any label is seen.
-    checkpoints = [first_test_size(n, epsilon, part, s) for s in starts]
+        return ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, 0, start=start)
+    k_start = first_test_size(n, epsilon, delta, start)
     qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, grid_size + 1)))[::-1]
     order = np.argsort(-conf)
-    sorted_conf, sorted_wrong = conf[order], wrong[order]
-    cum_wrong = np.cumsum(sorted_wrong)
+    sorted_conf, cum_wrong = conf[order], np.cumsum(wrong[order])
     ks = np.searchsorted(-sorted_conf, -qs, side="right")        # count conf >= lam
     errs = cum_wrong[np.maximum(ks - 1, 0)]
-    # The bound at every grid point for every level the procedure can reach (u parts of
-    # delta), in one vectorised call per level.
-    bounds = {u: _upper_bounds(errs, ks, u * part) for u in range(1, len(starts) + 1)}
-    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n, checkpoints[0],
-                           len(starts), starts[0])
-    parts, reached, run_start = 0, 0, 0
-    for j, (lam, k) in enumerate(zip(qs, ks)):
-        while reached < len(checkpoints) and k >= checkpoints[reached]:
-            if parts == 0:
-                run_start = reached
-            parts += 1
-            reached += 1
-        if parts == 0:
-            # Above the first start, or after a failure and before the next start: not a
-            # test at all (decided from counts alone, so the guarantee holds).
+    bounds = _upper_bounds(errs, ks, delta)                      # one vectorised call
+    best = ThresholdChoice(NEVER, epsilon, delta, 0.0, 0.0, 1.0, n, k_start, start)
+    for lam, k, e, ub in zip(qs, ks, errs, bounds):
+        if k < k_start:
+            # Too few examples above lam to certify epsilon even with no errors, or fewer
+            # than the chosen start: not a test at all (decided from counts alone, so the
+            # sequence stays valid).
             continue
-        ub = float(bounds[parts][j])
         if ub > epsilon:
-            parts = 0            # not rejected: its level is spent
-            continue
-        if k / n > best.coverage:
-            best = ThresholdChoice(float(lam), epsilon, delta, int(k) / n, int(errs[j]) / k,
-                                   ub, n, checkpoints[run_start], len(starts),
-                                   starts[run_start])
+            break
+        best = ThresholdChoice(float(lam), epsilon, delta, int(k) / n, int(e) / int(k),
+                               float(ub), n, k_start, start)
     return best
 
 

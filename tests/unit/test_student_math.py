@@ -70,49 +70,6 @@ def test_deeper_start_keeps_the_promise_and_survives_one_confident_error():
     assert deep.coverage == 1.0 and deep.risk == pytest.approx(1 / 900)
 
 
-def test_several_starts_keep_the_promise_and_resume_after_a_cluster_of_errors():
-    eps, delta, draws = 0.02, 0.05, 300
-    rng = np.random.default_rng(2)
-    violations = 0
-    for _ in range(draws):
-        c = rng.uniform(size=1500)
-        correct = rng.uniform(size=1500) >= 0.2 * (1 - c)
-        choice = choose_threshold(c, correct, epsilon=eps, delta=delta,
-                                  start_fraction=[0.0, 0.4, 0.7])
-        assert choice.starts == 3 and choice.delta == delta
-        if choice.threshold < NEVER:
-            assert choice.bound <= eps
-            violations += 0.1 * (1 - choice.threshold) > eps
-    assert violations / draws <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
-    # 900 examples, three errors at ranks 241, 271 and 301. Started at 40% (313, where two
-    # errors are allowed) the first test fails and nothing is certified; from the top the
-    # sequence stops at the second error (30%). With starts 0, 0.4 and 0.7 the run from the
-    # top fails, testing resumes at 0.4 (fails again) and at 0.7, where three errors among
-    # 613 pass at a third of delta and the run goes on to the bottom.
-    conf = np.linspace(1.0, 0.5, 900)
-    correct = np.ones(900, dtype=bool)
-    correct[[240, 270, 300]] = False
-    assert choose_threshold(conf, correct, start_fraction=0.4).threshold == NEVER
-    assert choose_threshold(conf, correct, start_fraction=0.0).coverage == pytest.approx(0.3)
-    multi = choose_threshold(conf, correct, start_fraction=[0.0, 0.4, 0.7])
-    assert multi.coverage == 1.0 and multi.first_test == 613
-    assert multi.bound == pytest.approx(clopper_pearson_upper(3, 900, delta / 3), rel=0.2)
-    # One start given as a list is the single sequence.
-    single = choose_threshold(conf, correct, start_fraction=[0.0])
-    assert single == choose_threshold(conf, correct, start_fraction=0.0)
-
-
-def test_fallback_carries_the_level_of_a_clean_run_to_the_next_start():
-    # No errors at all: the run from the top never fails, so from 0.7 on it tests at the
-    # full delta, and its bound at the bottom equals the single sequence's.
-    conf = np.linspace(1.0, 0.5, 900)
-    correct = np.ones(900, dtype=bool)
-    multi = choose_threshold(conf, correct, start_fraction=[0.0, 0.7])
-    single = choose_threshold(conf, correct)
-    assert multi.coverage == single.coverage == 1.0
-    assert multi.bound == pytest.approx(single.bound)
-
-
 def test_auto_start_keeps_the_promise_and_matches_the_best_fixed_start():
     # Honest confidences: c ~ Beta(30, 1), wrong with probability 1 - c. The true risk above
     # a threshold is estimated on a million fresh examples.
@@ -148,11 +105,23 @@ def test_auto_start_reads_confidences_only_and_goes_deeper_for_a_surer_model():
     c = rng.beta(40, 1, size=900)
     a = choose_threshold(c, rng.uniform(size=900) < c, start_fraction="auto")
     b = choose_threshold(c, np.zeros(900, dtype=bool), start_fraction="auto")
-    assert a.start == b.start == auto_start(c) and a.starts == 1
+    assert a.start == b.start == auto_start(c)
     assert b.threshold == NEVER                 # all wrong: nothing certified, from any start
     assert auto_start(rng.beta(80, 1, size=900)) > auto_start(rng.beta(15, 1, size=900))
     with pytest.raises(ValueError, match="auto"):
         choose_threshold(c, np.ones(900, dtype=bool), start_fraction="deep")
+
+
+def test_a_cluster_of_errors_just_above_the_start_ends_the_sequence_there():
+    # Three errors at ranks 241, 271 and 301 of 900: started at 40% (313 examples, two
+    # errors allowed) the first test fails; from the top the sequence stops at 30%.
+    conf = np.linspace(1.0, 0.5, 900)
+    correct = np.ones(900, dtype=bool)
+    correct[[240, 270, 300]] = False
+    deep = choose_threshold(conf, correct, start_fraction=0.4)
+    assert deep.threshold == NEVER and deep.first_test == 313 and deep.start == 0.4
+    top = choose_threshold(conf, correct, start_fraction=0.0)
+    assert top.coverage == pytest.approx(0.3) and top.bound <= 0.02
 
 
 def test_threshold_refuses_when_nothing_can_be_certified():
