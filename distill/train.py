@@ -210,7 +210,8 @@ def train(run: dict) -> dict:
         mem_note = f" then T2={mixed['mix_temperature']:.3f} on the memory mix" if mixed else ""
         log(cfg, f"{h}: T={t:.3f}{mem_note} ECE {metrics[h]['ece_before']:.4f} -> "
                  f"{metrics[h]['ece_after']:.4f}, threshold {choice.threshold:.4f} "
-                 f"covers {choice.coverage:.3f} (bound {choice.bound:.4f})")
+                 f"covers {choice.coverage:.3f} (bound {choice.bound:.4f}, test started at "
+                 f"{choice.first_test} of {choice.n}: start {choice.start:g})")
     for h in trained_heads:  # a head with training labels but none in validation
         if thresholds[h].get("threshold") is None:
             thresholds[h] = {"trained": True, "threshold": NEVER, "epsilon": cfg["epsilon"],
