@@ -26,11 +26,7 @@ NEVER = 1.01  # a threshold no probability reaches: the head never handles mail 
 
 def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
     """One-sided (1 - delta) upper confidence bound on a binomial rate."""
-    if n == 0:
-        return 1.0
-    if errors >= n:
-        return 1.0
-    return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
+    return float(_upper_bounds(np.array([errors]), np.array([n]), delta)[0])
 
 
 @dataclass(frozen=True)
@@ -131,27 +127,36 @@ def auto_start(confidence, *, epsilon: float = 0.02, delta: float = 0.05,
     (``scripts/bench/valsize --starts 0 0.4 auto``).
     """
     conf = np.asarray(confidence, dtype=float)
-    n = len(conf)
-    if n == 0:
+    if len(conf) == 0:
         return float(candidates[0])
-    sorted_conf = np.sort(conf)[::-1]
+    order = np.argsort(-conf)
+    wrong = np.empty((draws, len(conf)), dtype=bool)    # drawn in confidence order
+    wrong[:, order] = np.random.default_rng(seed).random(wrong.shape) < 1.0 - conf[order]
+    mean_cov = _sequence_coverage(conf, wrong, candidates, epsilon, delta, grid_size).mean(0)
+    return float(candidates[int(np.argmax(mean_cov))])    # argmax: the first of equals
+
+
+def _sequence_coverage(conf: np.ndarray, wrong: np.ndarray, starts: Sequence[float],
+                       epsilon: float, delta: float, grid_size: int) -> np.ndarray:
+    """(rows of ``wrong``, starts): the coverage :func:`choose_threshold` certifies from
+    each start for each row of error indicators, all at once."""
+    n = len(conf)
+    order = np.argsort(-conf)
+    sorted_conf = conf[order]
     qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, grid_size + 1)))[::-1]
     ks = np.searchsorted(-sorted_conf, -qs, side="right")
     ks = ks[ks > 0]                                   # counts handled, strictest first
     allowed = _allowed_errors(n, epsilon, delta)
-    rng = np.random.default_rng(seed)
-    wrong = rng.random((draws, n)) < (1.0 - sorted_conf)[None, :]
-    passed = np.cumsum(wrong, axis=1)[:, ks - 1] <= allowed[ks][None, :]   # (draws, grid)
-    mean_cov = []
-    for s in candidates:
+    cum = np.cumsum(wrong[:, order], axis=1)
+    passed = cum[:, ks - 1] <= allowed[ks][None, :]   # (rows, grid)
+    out = np.zeros((len(wrong), len(starts)))
+    for j, s in enumerate(starts):
         tested = ks >= first_test_size(n, epsilon, delta, s)
         k_t, ok = ks[tested], passed[:, tested]
-        if k_t.size == 0:
-            mean_cov.append(0.0)
-            continue
-        runs = np.cumprod(ok, axis=1).sum(axis=1)     # tests passed before the first failure
-        mean_cov.append(float(np.where(runs > 0, k_t[np.maximum(runs - 1, 0)], 0).mean() / n))
-    return float(candidates[int(np.argmax(mean_cov))])    # argmax: the first of equals
+        if k_t.size:
+            runs = np.cumprod(ok, axis=1).sum(axis=1)  # tests passed before the first failure
+            out[:, j] = np.where(runs > 0, k_t[np.maximum(runs - 1, 0)], 0) / n
+    return out
 
 
 def _allowed_errors(n: int, epsilon: float, delta: float) -> np.ndarray:

@@ -97,7 +97,24 @@ def test_auto_start_keeps_the_promise_and_matches_the_best_fixed_start():
     mean = {k: np.mean(v) for k, v in covs.items()}
     assert mean["auto"] >= max(mean[0.0], mean[0.4], mean[0.7]) - 0.02
     assert mean["auto"] > min(mean[0.0], mean[0.4], mean[0.7]) + 0.05   # the choice matters
-    assert len(starts) <= 2                     # the same data shape gives the same start
+    assert max(starts) - min(starts) <= 0.2 + 1e-9   # similar data, neighbouring starts
+
+
+def test_auto_starts_simulation_certifies_what_choose_threshold_certifies():
+    # auto_start scores starts with a vectorised copy of the fixed sequence; on the same
+    # error indicators both must give the same coverage, start by start.
+    from distill.thresholds import _sequence_coverage
+
+    rng = np.random.default_rng(5)
+    conf = rng.beta(25, 1, size=700)
+    wrong = rng.uniform(size=(40, 700)) < (1 - conf)[None, :] * 1.5
+    starts = (0.0, 0.2, 0.4, 0.6)
+    sim = _sequence_coverage(conf, wrong, starts, 0.02, 0.05, 200)
+    for b in range(len(wrong)):
+        for j, s in enumerate(starts):
+            choice = choose_threshold(conf, ~wrong[b], start_fraction=s)
+            assert sim[b, j] == pytest.approx(choice.coverage), (b, s)
+    assert 0 < sim.mean() < 1 and len(np.unique(sim)) > 5     # not all-or-nothing data
 
 
 def test_auto_start_reads_confidences_only_and_goes_deeper_for_a_surer_model():
