@@ -98,7 +98,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             distill_temperature: float = 2.0,
             gold_weight: float = 3.0, seed: int = 0, device: str = "auto",
             target_risk: float = 0.02, confidence_level: float = 0.95,
-            threshold_start: float | str = "auto",
+            threshold_start: float | str = 0.4,
             agreement_margin: float = 0.0, coverage_margin: float = 0.0,
             gate_rule: str = "sign_test", gate_alpha: float = 0.1,
             data: Path | None = None, trigger: str = "manual", split: str = "auto",

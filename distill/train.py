@@ -35,7 +35,7 @@ DEFAULTS = dict(
     learning_rate=1e-4, head_lr_mult=10.0, weight_decay=0.01, warmup_fraction=0.06,
     label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
-    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start="auto",
+    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4,
     progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=4, cache_frozen=True,
     cache_max_mb=2048, memory_weight=0.3, memory_k=10, memory_temperature=0.05,

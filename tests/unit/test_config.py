@@ -63,6 +63,19 @@ def test_env_overrides_toml_and_cli_overrides_env(tmp_path, monkeypatch):
     assert load_settings(f, state_dir=str(tmp_path / "x")).state_dir == tmp_path / "x"
 
 
+def test_threshold_start_takes_a_share_or_auto_and_names_a_bad_value(tmp_path):
+    f = tmp_path / "c.toml"
+    assert load_settings(None).router.threshold_start == 0.4
+    f.write_text('[router]\nthreshold_start = "auto"\n')
+    assert load_settings(f).router.threshold_start == "auto"
+    f.write_text("[router]\nthreshold_start = 0.25\n")
+    assert load_settings(f).router.threshold_start == 0.25
+    for bad in ('"deep"', "1.5"):
+        f.write_text(f"[router]\nthreshold_start = {bad}\n")
+        with pytest.raises(ConfigError, match="router.threshold_start"):
+            load_settings(f)
+
+
 def test_config_env_var_names_the_file(tmp_path, monkeypatch):
     f = tmp_path / "c.toml"
     f.write_text('log_level = "debug"\n')
