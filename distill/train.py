@@ -35,8 +35,7 @@ DEFAULTS = dict(
     learning_rate=1e-4, head_lr_mult=10.0, weight_decay=0.01, warmup_fraction=0.06,
     label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
-    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4,
-    progress=True,
+    num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=4, cache_frozen=True,
     cache_max_mb=2048, memory_weight=0.3, memory_k=10, memory_temperature=0.05,
 )
@@ -80,11 +79,15 @@ def train(run: dict) -> dict:
     # little accuracy, and their output, computed once, spares their forward and backward
     # on every step (MiniLM-L6 with 4 of 6 frozen: a step ~4x cheaper on a CPU; README).
     frozen = model.freeze_bottom(cfg["freeze_layers"])
-    cache = _bottom_cache(model, tr.ids, tok.pad_token_id, device, cfg) if frozen else None
+    # The frozen cache and the memory both run the split forward: check it once.
+    split_ok = bool(frozen and tr.ids) and _split_matches(model, tr.ids, tok.pad_token_id,
+                                                          device)
+    cache = (_bottom_cache(model, tr.ids, tok.pad_token_id, device, cfg, split_ok)
+             if frozen else None)
     # The memory (distill.memory) keeps the top blocks as pretrained: copy them now.
     raw_top = None
     if cfg["memory_weight"] > 0:
-        if frozen and tr.ids and _split_matches(model, tr.ids, tok.pad_token_id, device):
+        if split_ok:
             raw_top = Memory.pretrained_top(model, frozen)
         else:
             log(cfg, "the memory needs a frozen bottom (freeze_layers > 0) whose split "
@@ -238,12 +241,12 @@ def train(run: dict) -> dict:
 
 
 def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device,
-                  cfg: dict) -> list[torch.Tensor] | None:
+                  cfg: dict, split_ok: bool) -> list[torch.Tensor] | None:
     """Each training example's hidden states after the frozen blocks (unpadded, CPU).
 
     None, and training runs the whole network, when caching is off, would exceed
     ``cache_max_mb``, or the split forward does not reproduce the full one (an encoder
-    whose blocks take other arguments).
+    whose blocks take other arguments: ``split_ok``, from :func:`_split_matches`).
     """
     if not cfg["cache_frozen"] or not ids:
         return None
@@ -252,7 +255,7 @@ def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device
     if mb > cfg["cache_max_mb"]:
         log(cfg, f"frozen-bottom cache would take {mb:.0f} MB > cache_max_mb; not caching")
         return None
-    if not _split_matches(model, ids, pad_id, device):
+    if not split_ok:
         log(cfg, "split forward differs from the full one for this encoder; not caching")
         return None
     t = time.monotonic()
