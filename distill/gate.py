@@ -18,8 +18,12 @@ records file; for the SQL log a stable hash sample of its representative labels,
     this rule is for; on a slice of 20 it is 15 points, so prefer margins while the
     held-out slice is tiny.
 
-The first model always promotes. Either way the risk promise does not depend on the gate:
-every model's threshold is certified on its own validation data.
+The first model always promotes. Every model's threshold is certified on its own
+validation data, but choosing among models by coverage favours a candidate whose
+calibration draw was lucky (a threshold too low): for a clearly worse candidate, the rare
+promotions broke the promise about as often as delta allows; the model served after the
+gate stayed far inside it (README, "Gate" under "The student classifier";
+``scripts/bench/gatenoise --val``).
 """
 
 from __future__ import annotations
