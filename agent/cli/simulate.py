@@ -69,7 +69,8 @@ def simulate(
          f"teacher-only (ratio {_num(c['ratio'])}), cascade accuracy "
          f"{_pct(k['stream_accuracy'])} (stream) {_pct(k['test_accuracy'])} (test), student "
          f"{s['version'] or 'none'} coverage {_pct(s['test_coverage'])} at risk "
-         f"{_pct(s['test_risk'], 2)}; run: {path}", result, as_json)
+         f"{_pct(s['test_risk'], 2)} (in hindsight {_pct(s.get('test_hindsight_coverage'))} "
+         f"at {_pct(s.get('epsilon'))}); run: {path}", result, as_json)
 
 
 def _pct(v, digits: int = 1) -> str:

@@ -224,6 +224,7 @@ class Replay:
             "stream_accuracy": k.correct / k.emails,
             "test_coverage": ev.get("coverage"), "test_risk": ev.get("risk"),
             "test_accuracy": ev.get("accuracy"),
+            "test_hindsight_coverage": ev.get("hindsight_coverage"),
         }
         self.curve.append(point)
         self.progress(
@@ -231,7 +232,8 @@ class Replay:
             f"{'promoted ' + str(out.candidate_version) if out.promoted else 'kept'} "
             f"({out.gate_reason or out.error or ''}; {out.seconds:.0f}s, {out.n_examples} labels); "
             f"teacher so far {point['teacher_share']:.1%}, test coverage "
-            f"{_pct(point['test_coverage'])} at risk {_pct(point['test_risk'], 2)}")
+            f"{_pct(point['test_coverage'])} at risk {_pct(point['test_risk'], 2)} "
+            f"(in hindsight {_pct(point['test_hindsight_coverage'])})")
         if self.checkpoint is not None:
             partial = self._result([None] * self._test_n, ev, time.perf_counter() - self._t0)
             partial["partial"] = True
@@ -240,6 +242,8 @@ class Replay:
     # ---- evaluation on the held-out test records ---------------------------------------
     def evaluate(self, test: Sequence[TeacherRecord], full: bool = True) -> dict:
         """The active student alone and the cascade (student, else teacher) on ``test``."""
+        from distill.thresholds import coverage_at_risk
+
         n = len(test)
         clf = self._classifier()
         if clf is None or n == 0:
@@ -257,11 +261,18 @@ class Replay:
         errors = sum(1 for a, c in zip(alone, correct) if a and not c)
         # The teacher's answers are the records here, so an escalated email is right.
         cascade = sum(1 for a, c in zip(alone, correct) if (c if a else True))
+        conf = [float(t.confidence.get("category", 0.0)) for t in triages]
+        # What a threshold picked in hindsight on this very file could hand the student at
+        # the same target risk: the model's limit, next to what its certificate allows.
+        cat = (getattr(clf, "thresholds", None) or {}).get("category")
+        eps = cat.get("epsilon") if isinstance(cat, dict) else None
         out = {"n": n, "version": clf.version, "coverage": handled / n,
                "risk": errors / handled if handled else 0.0, "accuracy": sum(correct) / n,
-               "cascade_accuracy": cascade / n, "handled": handled, "errors": errors}
+               "cascade_accuracy": cascade / n, "handled": handled, "errors": errors,
+               "hindsight_coverage": (None if eps is None
+                                      else coverage_at_risk(conf, correct, float(eps))),
+               "epsilon": eps}
         if full:
-            conf = [float(t.confidence.get("category", 0.0)) for t in triages]
             cov, risk = coverage_risk_curve(list(zip(conf, correct)))
             out["coverage_risk"] = {"coverage": list(cov), "risk": list(risk), "n": n}
             out["operating_point"] = [out["coverage"], out["risk"]]
@@ -301,7 +312,8 @@ class Replay:
                         "test_relative": (final.get("cascade_accuracy") or 0.0) / teacher_acc},
             "student": {"version": final.get("version"), "test_coverage": final.get("coverage"),
                         "test_risk": final.get("risk"), "test_accuracy": final.get("accuracy"),
-                        "cost_usd": 0.0},
+                        "test_hindsight_coverage": final.get("hindsight_coverage"),
+                        "epsilon": final.get("epsilon"), "cost_usd": 0.0},
             "audits": {"n": k.audits, "disagreements": k.audit_disagreements,
                        "rate": k.audit_disagreements / k.audits if k.audits else None},
             "curve": self.curve, "windows": self.windows,

@@ -67,11 +67,13 @@ def test_every_field_is_there(replay):
     assert set(r["teacher"]) >= {"calls", "escalations", "audits", "share"}
     assert set(r["cost"]) >= {"blended_usd", "teacher_only_usd", "ratio", "student_usd"}
     assert set(r["cascade"]) >= {"stream_accuracy", "test_accuracy", "teacher_accuracy"}
-    assert set(r["student"]) >= {"version", "test_coverage", "test_risk"}
+    assert set(r["student"]) >= {"version", "test_coverage", "test_risk",
+                                 "test_hindsight_coverage", "epsilon"}
     assert len(r["curve"]) == N_STREAM // RETRAIN_EVERY
     for p in r["curve"]:
         assert set(p) >= {"emails_seen", "n_examples", "promoted", "gate_reason",
-                          "teacher_calls", "test_coverage", "test_risk"}
+                          "teacher_calls", "test_coverage", "test_risk",
+                          "test_hindsight_coverage"}
     assert set(r["targets"]) == {"teacher_share", "student_test_coverage", "student_test_risk",
                                  "cascade_relative_accuracy", "cost_ratio"}
     assert "[simulate] retrain 1 at" in replay["stderr"]
@@ -127,6 +129,16 @@ def test_real_students_were_trained_and_used(replay):
         1 - st["test_coverage"] * st["test_risk"], abs=1e-9)
     cr = r["test_eval"]["coverage_risk"]
     assert cr["coverage"][-1] == pytest.approx(1.0) and len(cr["coverage"]) == len(cr["risk"])
+    # The model's limit next to its certificate: the largest share of the test file a
+    # threshold picked in hindsight hands it at the same risk target.
+    eps, hind = st["epsilon"], st["test_hindsight_coverage"]
+    assert eps == pytest.approx(float(RISK))
+    assert 0.0 <= hind <= 1.0
+    best_on_curve = max((c for c, k in zip(cr["coverage"], cr["risk"]) if k <= eps), default=0)
+    assert hind >= best_on_curve - 2 / N_TEST     # the curve samples cuts; ties move one
+    last = r["curve"][-1]
+    if last["active_version"] == st["version"]:   # the same model on the same file
+        assert last["test_hindsight_coverage"] == pytest.approx(hind)
 
 
 def _pngs(html: str) -> list[bytes]:
