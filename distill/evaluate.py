@@ -60,6 +60,14 @@ def category_targets(clf, examples: Sequence[TrainingExample]) -> torch.Tensor:
     return torch.tensor([index.get(e.category, -1) for e in examples])
 
 
+def scored(clf, examples: Sequence[TrainingExample]) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: the category head's calibrated confidence and whether its prediction
+    agrees with the record (what thresholds and the gate are judged on)."""
+    probs = clf.probabilities([e.text for e in examples])["category"]
+    conf, pred = probs.max(-1)
+    return conf.numpy(), (pred == category_targets(clf, examples)).numpy()
+
+
 def evaluate(clf, examples: Sequence[TrainingExample], *, latency_sample: int = 200) -> dict:
     """Every figure `understudy eval` prints, for the category head (plus the others when
     the examples carry their labels)."""
