@@ -114,16 +114,17 @@ class StudentSettings(_Section):
     distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft (KL) term.")
     distill_temperature: float = Field(2.0, gt=0.0)
     gold_weight: float = Field(3.0, ge=1.0, description="Loss weight of human review labels.")
-    epochs: int = Field(5, ge=1, description="Epochs at most, unless min_steps needs more.")
+    epochs: int = Field(10, ge=1, description="Epochs at most, unless min_steps needs more.")
     min_steps: int = Field(
         600, ge=0, description="Optimizer steps at least (small data gets more epochs, up to "
         "40; early stopping still decides).")
     learning_rate: float = Field(1e-4, gt=0.0)
     freeze_layers: int = Field(
-        4, ge=0, description="Encoder blocks (from the bottom, with the embeddings) kept "
-        "frozen in training; their output is computed once, so each step runs only the top "
-        "(MiniLM-L6: 4 of 6 frozen, a training step ~4x cheaper on a CPU, same accuracy on "
-        "Banking77). 0 fine-tunes the whole encoder.")
+        5, ge=0, description="Encoder blocks (from the bottom, with the embeddings) kept "
+        "frozen in training; their output is computed once, so each step runs only the top, "
+        "and the memory runs the pretrained blocks above them (MiniLM-L6: 5 of 6 frozen, so "
+        "inference runs 7 blocks with the memory; README, Frozen bottom). 0 fine-tunes the "
+        "whole encoder.")
     memory_weight: float = Field(
         0.3, ge=0.0, lt=1.0, description="Weight of the memory's vote (the nearest training "
         "examples by the pretrained encoder's sentence embedding) in the classifier's "

@@ -10,10 +10,12 @@ student classifier"), weight 0.3 raised the mean certified coverage at 2% risk f
 to 35.8% for a 10-per-intent student, from 55.4% to 61.2% for one trained on 2,000 emails
 and from 73.4% to 76.7% for a full-data one.
 
-Cost: the frozen bottom blocks are shared, so the memory adds the pretrained top blocks
-(2 of MiniLM's 6) to each forward pass, plus one (N x 384) similarity product; the version
-directory gains those blocks' weights (~3.5 MB) and the keys (N x 384 fp16, 7.7 MB for
-10,000 examples).
+Cost: the frozen bottom blocks are shared, so the memory adds the pretrained blocks above
+them (1 of MiniLM's 6 with the default ``freeze_layers`` 5) to each forward pass, plus one
+(N x 384) similarity product; the version directory gains those blocks' weights (~7 MB
+per block, fp32) and the keys (N x 384 fp16, 7.7 MB for 10,000 examples). The vote needs the
+whole pretrained encoder's embedding: taken from a lower block it is free but worse than
+no memory (``scripts/bench/memory_depth``).
 
 The mixture per head: ``p = (1 - w) * softmax(logits / T) + w * knn``, then a second
 temperature, fitted on validation like the first, on ``log p``; thresholds are chosen on
