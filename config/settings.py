@@ -323,6 +323,13 @@ class Settings(BaseSettings):
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
 
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, v: Path) -> Path:
+        # Relative to the working directory at load time, once: the trainer and the vLLM
+        # server run as child processes elsewhere, and stored paths must stay valid.
+        return v.expanduser().absolute()
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'understudy.db'}"

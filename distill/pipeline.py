@@ -109,6 +109,11 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
     """Train a candidate, compare it with the active model on held-out mail, maybe promote."""
     t0 = time.monotonic()
+    # The trainer runs in a child process from the project root: relative paths (a
+    # --state-dir of "state", an encoder directory) must mean what they mean here.
+    state_dir = Path(state_dir).expanduser().absolute()
+    if Path(encoder).expanduser().exists():
+        encoder = str(Path(encoder).expanduser().absolute())
     examples, source = load_examples(db, data, audit_fraction)
     if len(examples) < min_examples:
         raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "

@@ -99,11 +99,13 @@ def evaluate(
     except StudentError as e:
         fail(str(e))
     c = report["coverage_at_risk"]
+    lat = ("latency not measured (--latency-sample 0)" if report["latency_ms_p50"] is None
+           else f"latency p50 {report['latency_ms_p50']:.1f} ms, "
+           f"p99 {report['latency_ms_p99']:.1f} ms")
     emit(f"{clf.version} on {report['n']} records: accuracy {report['accuracy']:.4f}, "
          f"macro-F1 {report['macro_f1']:.4f}, ECE {report['ece']:.4f}, coverage "
          f"{report['coverage']:.3f} at risk {report['selective_risk']:.4f}; coverage at "
-         f"risk 1/2/5%: {c['0.01']:.3f}/{c['0.02']:.3f}/{c['0.05']:.3f}; latency p50 "
-         f"{report['latency_ms_p50']:.1f} ms, p99 {report['latency_ms_p99']:.1f} ms",
+         f"risk 1/2/5%: {c['0.01']:.3f}/{c['0.02']:.3f}/{c['0.05']:.3f}; {lat}",
          report, as_json)
 
 

@@ -88,6 +88,21 @@ def test_default_database_is_sqlite_in_state_dir(state_dir):
     assert s.db_url == f"sqlite:///{state_dir / 'understudy.db'}"
 
 
+def test_relative_state_dir_is_anchored_once(tmp_path, monkeypatch, state_dir):
+    """From the CLI or the environment: the working directory at load time (from a TOML
+    file: the file's directory), so child processes and stored paths agree."""
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(None, state_dir="st")
+    assert s.state_dir == tmp_path / "st" and s.db_url == f"sqlite:///{tmp_path}/st/understudy.db"
+    monkeypatch.setenv("UNDERSTUDY_STATE_DIR", "~/us")
+    assert load_settings(None).state_dir == Path.home() / "us"
+    cfg = tmp_path / "conf"
+    cfg.mkdir()
+    (cfg / "c.toml").write_text('state_dir = "st"\n')
+    monkeypatch.delenv("UNDERSTUDY_STATE_DIR")
+    assert load_settings(cfg / "c.toml").state_dir == cfg / "st"
+
+
 def test_price_table_defaults_follow_the_model():
     s = load_settings(None, teacher={"model": "claude-haiku-4-5-20251001"})
     assert s.teacher.price_table.input == 1.0 and s.teacher.price_table.output == 5.0

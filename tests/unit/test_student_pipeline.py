@@ -223,19 +223,30 @@ def test_representative_labels_and_the_split_that_uses_them(db):
 
 
 def test_cli_retrain_and_eval(tmp_path, state_dir, monkeypatch, tiny_encoder_dir):  # noqa: F811
+    """Relative paths (--state-dir, the encoder directory, --data) mean what they mean in
+    the working directory, although the trainer runs as a child process elsewhere."""
+    import shutil
+
     from agent.cli import app
 
-    monkeypatch.setenv("UNDERSTUDY_STUDENT__ENCODER", str(tiny_encoder_dir))
+    work = tmp_path / "work"
+    shutil.copytree(tiny_encoder_dir, work / "enc")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("UNDERSTUDY_STUDENT__ENCODER", "enc")
     monkeypatch.setenv("UNDERSTUDY_STUDENT__EPOCHS", "12")
     monkeypatch.setenv("UNDERSTUDY_STUDENT__LEARNING_RATE", "0.002")
     monkeypatch.setenv("UNDERSTUDY_STUDENT__DEVICE", "cpu")
-    data = write_jsonl(tmp_path / "t.jsonl", synthetic_records(200, 5))
+    write_jsonl(work / "t.jsonl", synthetic_records(200, 5))
+    data = "t.jsonl"
     runner = CliRunner()
-    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
-    res = runner.invoke(app, ["retrain", "--data", str(data), "--json"])
+    rel = ["--state-dir", "st"]
+    assert runner.invoke(app, [*rel, "db", "upgrade"]).exit_code == 0
+    res = runner.invoke(app, [*rel, "retrain", "--data", data, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["status"] == "succeeded" and out["promoted"]
+    assert out["status"] == "succeeded" and out["promoted"], out
+    assert (work / "st" / "models" / out["version"]).is_dir()
+    monkeypatch.setenv("UNDERSTUDY_STATE_DIR", str(work / "st"))
     res = runner.invoke(app, ["eval", "--data", str(data), "--latency-sample", "5", "--json"])
     assert res.exit_code == 0, res.output
     ev = json.loads(res.stdout.strip().splitlines()[-1])
@@ -245,3 +256,5 @@ def test_cli_retrain_and_eval(tmp_path, state_dir, monkeypatch, tiny_encoder_dir
         assert k in ev
     res = runner.invoke(app, ["eval", "--data", str(data), "--latency-sample", "5"])
     assert res.exit_code == 0 and "accuracy" in res.stdout and "p99" in res.stdout
+    res = runner.invoke(app, ["eval", "--data", str(data), "--latency-sample", "0"])
+    assert res.exit_code == 0 and "latency not measured" in res.stdout, res.output
