@@ -3,8 +3,10 @@
 
     python scripts/demo_data.py files --out DIR
         Banking77 as DIR/stream.jsonl (shuffled arrival order) and DIR/test.jsonl (a fixed,
-        stratified 20% held out by a seeded hash), both teacher records with the intent as
-        the category. Input of `understudy simulate` and scripts/bench/simulate.
+        stratified 20% held out by a seeded hash, grouped by intent), both teacher records
+        with the intent as the category; input of `understudy simulate` and
+        scripts/bench/simulate. And DIR/all.jsonl: both in one shuffled order, the input of
+        a full-data `understudy retrain --data` (which holds out the newest records).
 
     python scripts/demo_data.py inbox --out DIR [--categories a,b,...] [--per-category N]
         The demo inbox: support emails (RFC 822) built from Banking77 queries of a few

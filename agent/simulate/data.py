@@ -124,15 +124,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def build_banking77_files(csv_path: Path, out_dir: Path, *, test_fraction: float = 0.2,
                           seed: int = 0, limit: int | None = None) -> dict:
-    """Write ``stream.jsonl`` and ``test.jsonl`` under out_dir; ``limit`` caps the stream."""
+    """Write ``stream.jsonl``, ``test.jsonl`` and ``all.jsonl`` under out_dir; ``limit``
+    caps the stream.
+
+    ``all.jsonl`` holds the stream and the test records in one seeded, shuffled arrival
+    order: the input of a full-data ``understudy retrain --data``, which holds out the
+    *newest* records (file order). ``test.jsonl`` is grouped by intent, so appending it
+    to the stream would hold out a few dozen intents only.
+    """
     stream, test = split_stream_test(read_banking77(csv_path), test_fraction=test_fraction,
                                      seed=seed)
     if limit is not None:
         stream = stream[:limit]
+    everything = stream + test
+    random.Random(f"all:{seed}").shuffle(everything)
     out_dir = Path(out_dir)
     n_stream = write_records(out_dir / "stream.jsonl", (to_record(r) for r in stream))
     n_test = write_records(out_dir / "test.jsonl", (to_record(r) for r in test))
+    write_records(out_dir / "all.jsonl", (to_record(r) for r in everything))
     return {"stream": str(out_dir / "stream.jsonl"), "test": str(out_dir / "test.jsonl"),
-            "n_stream": n_stream, "n_test": n_test,
+            "all": str(out_dir / "all.jsonl"), "n_stream": n_stream, "n_test": n_test,
             "categories": len({r.category for r in stream} | {r.category for r in test}),
             "seed": seed, "test_fraction": test_fraction}

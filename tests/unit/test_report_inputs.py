@@ -41,6 +41,11 @@ def test_files_are_teacher_records(data_dir, tmp_path):
     recs = list(read_records(tmp_path / "stream.jsonl"))       # the teacher's own reader
     assert len(recs) == 300 and all(r.category and r.body for r in recs)
     assert read_jsonl(tmp_path / "test.jsonl")[0]["id"].startswith("b77-")
+    # all.jsonl: stream + test in a shuffled order, so its newest tenth spans the intents
+    every = read_jsonl(tmp_path / "all.jsonl")
+    assert sorted(r["id"] for r in every) == sorted(
+        [r.id for r in recs] + [r["id"] for r in read_jsonl(tmp_path / "test.jsonl")])
+    assert len({r["category"] for r in every[-200:]}) > 60
 
 
 def test_bad_inputs_say_how_to_fix(tmp_path):
