@@ -95,6 +95,10 @@ class Daemon:
         recovered = work.recover_stale_claims(self.db, self.lease_ttl_s, alive=alive)
         self.log.info("daemon started", folders=[f"{w.account}/{w.folder}" for w in self.folders],
                       recovered_claims=recovered)
+        if not self.folders:
+            self.log.warning("no mailbox to watch: add an [[accounts]] section to the config "
+                             "(`understudy config validate FILE` checks it); until then the "
+                             "daemon only triages and retrains on what the database holds")
         self._spawn("keeper", self._keeper)
         if self.warmup is not None:
             # Load the student (and run it once) before watching: the first emails then
