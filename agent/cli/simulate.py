@@ -49,6 +49,7 @@ def simulate(
     from agent.simulate.data import SimulationDataError
     from agent.simulate.build import run_simulation_from_settings
     from agent.simulate.engine import SimulationError
+    from agent.teacher.errors import RecordsFormatError
 
     settings = app_context(ctx).settings
     if settings.log_level != "debug":
@@ -60,7 +61,7 @@ def simulate(
             settings, stream=stream, test=test, retrain_every=retrain_every, risk=risk,
             audit_fraction=audit_fraction, epochs=epochs, work_dir=work_dir, limit=limit,
             out=out, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except (SimulationDataError, SimulationError) as e:
+    except (SimulationDataError, SimulationError, RecordsFormatError) as e:
         fail(str(e))
     path = result["run_json"]
     t, c, s, k = result["teacher"], result["cost"], result["student"], result["cascade"]

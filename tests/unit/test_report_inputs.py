@@ -57,6 +57,23 @@ def test_bad_inputs_say_how_to_fix(tmp_path):
         read_jsonl(bad)
 
 
+def test_simulate_with_a_missing_or_broken_file_is_a_one_line_error(tmp_path, state_dir):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": "1", "body": "hi", "category": "a"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": 1\n')
+    for stream, test, says in ((tmp_path / "nope.jsonl", good, "cannot read teacher records"),
+                               (good, broken, "broken.jsonl:1: not valid JSON")):
+        r = CliRunner().invoke(app, ["simulate", "--stream", str(stream), "--test", str(test),
+                                     "--work-dir", str(tmp_path / "w")])
+        assert r.exit_code != 0 and says in r.output, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+
+
 def test_cost_model_prices_like_the_claude_backend():
     prices = PriceTable(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3)
     cats = {f"intent_{i}": f"intent {i}" for i in range(77)}
