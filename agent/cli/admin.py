@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,12 +55,23 @@ def db_upgrade(ctx: typer.Context,
 def db_downgrade(ctx: typer.Context,
                  revision: Annotated[str, typer.Argument(
                      help="Target revision: 'base' drops every table, '-1' one step.")] = "-1",
+                 yes: Annotated[bool, typer.Option(
+                     "--yes", "-y", help="Do not ask: a downgrade drops the columns and "
+                     "tables newer migrations added, with their data.")] = False,
                  as_json: JsonOpt = False) -> None:
-    """Step the schema back to REVISION (default: one migration)."""
+    """Step the schema back to REVISION (default: one migration). Asks first (or --yes):
+    what newer migrations stored is deleted; back up the database before."""
     db = app_context(ctx).database(migrated=False)
     before = db.current_revision()
     if before is None:
         fail("database has no schema; nothing to downgrade")
+    if not yes:
+        what = ("drop EVERY table and all its data" if revision == "base"
+                else f"step back to {revision}, dropping what later migrations store")
+        if not sys.stdin.isatty():
+            fail(f"`db downgrade` would {what} in {db.redacted_url()}; pass --yes to do it")
+        if not typer.confirm(f"This will {what} in {db.redacted_url()}. Continue?"):
+            fail("nothing changed")
     db.downgrade(revision)
     after = db.current_revision()
     emit(f"database {db.redacted_url()}: {before} -> {after or 'empty'}",

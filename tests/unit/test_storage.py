@@ -12,13 +12,17 @@ TABLES = {"accounts", "mailboxes", "messages", "model_calls", "decisions", "draf
 
 def test_upgrade_downgrade_upgrade_via_cli(db_url):
     run = CliRunner().invoke
-    for args in (["db", "upgrade"], ["db", "downgrade", "base"], ["db", "upgrade"]):
+    for args in (["db", "upgrade"], ["db", "downgrade", "base", "--yes"], ["db", "upgrade"]):
         r = run(app, ["--database-url", db_url, *args])
         assert r.exit_code == 0, r.output
     d = Database(db_url)
     assert TABLES <= set(d.table_names())
     assert d.current_revision() == d.head_revision()
+    # Without --yes (and no terminal to ask on) nothing is dropped.
     r = run(app, ["--database-url", db_url, "db", "downgrade", "base"])
+    assert r.exit_code != 0 and "--yes" in r.output and "EVERY table" in r.output
+    assert d.current_revision() == d.head_revision()
+    r = run(app, ["--database-url", db_url, "db", "downgrade", "base", "-y"])
     assert r.exit_code == 0
     assert not TABLES & set(d.table_names())
     d.dispose()
