@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,9 +34,28 @@ def config_validate(
         else:
             typer.echo(str(e), err=True)
         raise typer.Exit(EXIT_CONFIG)
+    unset = unset_secrets(s)
+    for key, var in unset:
+        if not as_json:
+            typer.echo(f"warning: {key}: ${var} is not set here (nor ${var}_FILE); "
+                       "set it where the daemon runs", err=True)
     emit(f"ok: {path or 'defaults'} ({len(s.accounts)} account(s), "
          f"{len(s.taxonomy.categories)} categories, teacher {s.teacher.backend}:{s.teacher.model})",
-         {"ok": True, "source": str(path), "accounts": len(s.accounts)}, as_json)
+         {"ok": True, "source": str(path), "accounts": len(s.accounts),
+          "unset_secrets": [{"key": k, "env": v} for k, v in unset]}, as_json)
+
+
+def unset_secrets(s) -> list[tuple[str, str]]:
+    """(key path, variable) for each secret the config names that this environment lacks:
+    not an error (the daemon may run elsewhere), but the first thing to check."""
+    def missing(var: str | None) -> bool:
+        return bool(var) and var not in os.environ and f"{var}_FILE" not in os.environ
+
+    out = [(f"accounts.{a.name}.password_env", a.password_env) for a in s.accounts
+           if a.auth == "password" and missing(a.password_env)]
+    if s.teacher.backend == "anthropic" and missing(s.teacher.api_key_env):
+        out.append(("teacher.api_key_env", s.teacher.api_key_env))
+    return out
 
 
 @db_app.command("upgrade")

@@ -16,6 +16,25 @@ def test_example_config_validates():
     assert "ok:" in r.output
 
 
+def test_validate_warns_about_secrets_this_environment_lacks(tmp_path, monkeypatch,
+                                                              state_dir):
+    import json
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[accounts]]\nname = "support"\nhost = "h"\nuser = "u"\n'
+                   'password_env = "SUPPORT_PW"\n')
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY_FILE", raising=False)
+    r = CliRunner().invoke(app, ["config", "validate", str(cfg)])
+    assert r.exit_code == 0, r.output       # a warning, not an error: the daemon may run elsewhere
+    assert "accounts.support.password_env: $SUPPORT_PW is not set" in r.output
+    assert "teacher.api_key_env: $ANTHROPIC_API_KEY" in r.output
+    monkeypatch.setenv("SUPPORT_PW_FILE", str(tmp_path / "pw"))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    r = CliRunner().invoke(app, ["config", "validate", "--json", str(cfg)])
+    assert r.exit_code == 0 and json.loads(r.stdout)["unset_secrets"] == []
+
+
 def test_three_mistakes_are_all_reported_with_key_paths(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(
