@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,7 +162,8 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     lg.info("training started", n_train=len(train_ex), n_val=len(val_ex),
             n_holdout=len(holdout), log=str(log_path))
 
-    status, error = _run_training(db, run_id, run_json, log_path, timeout_s)
+    status, error = _run_training(db, run_id, run_json, log_path, timeout_s,
+                                  relay=lambda msg: lg.info(f"training: {msg}"))
     if status != "succeeded":
         _finish(db, run_id, status=status, error=error)
         lg.warning("training did not finish; the active model is unchanged",
@@ -282,8 +284,43 @@ def holdout_metrics(clf, holdout: Sequence[TrainingExample]) -> tuple[dict, Outc
     return metrics_from_probs(probs, targets, threshold), outcomes
 
 
+def _wait_relaying(proc: subprocess.Popen, log_path: Path, timeout_s: float | None,
+                   relay: Callable[[str], None]) -> int:
+    """Wait for the trainer and pass each ``[train] ...`` line of its log to ``relay`` as
+    it appears (a retrain takes minutes: the caller shows its progress). Raises
+    ``subprocess.TimeoutExpired`` past ``timeout_s``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pos, buf = 0, ""
+
+    def drain() -> None:
+        nonlocal pos, buf
+        try:
+            with log_path.open("rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+        except OSError:
+            return
+        pos += len(chunk)
+        *done, buf = re.split(r"[\r\n]", buf + chunk.decode("utf-8", "replace"))
+        for seg in done:
+            if seg.startswith("[train] "):
+                relay(seg[len("[train] "):])
+
+    while True:
+        try:
+            rc = proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            drain()
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            continue
+        drain()
+        return rc
+
+
 def _run_training(db, run_id: int, run_json: Path, log_path: Path,
-                  timeout_s: float | None) -> tuple[str, str | None]:
+                  timeout_s: float | None,
+                  relay: Callable[[str], None] = lambda _m: None) -> tuple[str, str | None]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "TOKENIZERS_PARALLELISM": "false"}
@@ -295,7 +332,7 @@ def _run_training(db, run_id: int, run_json: Path, log_path: Path,
             row = s.get(TrainingRun, run_id)
             row.pid, row.log_path = proc.pid, str(log_path)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            rc = _wait_relaying(proc, log_path, timeout_s, relay)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -82,6 +82,39 @@ def test_retrain_from_records_creates_a_version_and_gates_the_next(db, state_dir
     assert all(os.path.isdir(v.path) for v in registry.list_versions(db) if not v.pruned_at)
 
 
+def test_trainer_progress_is_relayed_line_by_line_and_the_time_limit_holds(tmp_path):
+    """retrain shows the trainer's "[train] ..." lines as they come, not after minutes of
+    silence; progress-bar fragments (\r) between them are not relayed."""
+    import subprocess
+    import sys
+
+    from distill.pipeline import _wait_relaying
+
+    script = ("import sys, time\n"
+              "for i in range(3):\n"
+              "    sys.stderr.write(f'epoch {i}: 50%|###  \\r')\n"
+              "    sys.stderr.write(f'[train] epoch {i}: val accuracy 0.{i}\\n')\n"
+              "    sys.stderr.flush(); time.sleep(0.3)\n"
+              "sys.stderr.write('[train] saved\\n')\n")
+    log, got = tmp_path / "train.log", []
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", script], stderr=fh)
+        stamps = []
+        rc = _wait_relaying(proc, log, 60,
+                            lambda m: (got.append(m), stamps.append(time.monotonic())))
+    assert rc == 0
+    assert got == ["epoch 0: val accuracy 0.0", "epoch 1: val accuracy 0.1",
+                   "epoch 2: val accuracy 0.2", "saved"]
+    assert stamps[-1] - stamps[0] > 0.4           # relayed while running, not all at the end
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                stderr=fh)
+        with pytest.raises(subprocess.TimeoutExpired):
+            _wait_relaying(proc, log, 1.0, got.append)
+        proc.kill()
+        proc.wait()
+
+
 def test_killed_training_leaves_active_model_and_is_recorded(db, state_dir, tmp_path,
                                                              tiny_encoder_dir):  # noqa: F811
     registry.register(db, "clf-previous", tmp_path / "prev", status="candidate")
