@@ -290,7 +290,7 @@ def _wait_relaying(proc: subprocess.Popen, log_path: Path, timeout_s: float | No
     it appears (a retrain takes minutes: the caller shows its progress). Raises
     ``subprocess.TimeoutExpired`` past ``timeout_s``."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pos, buf = 0, ""
+    pos, buf = 0, b""
 
     def drain() -> None:
         nonlocal pos, buf
@@ -301,10 +301,10 @@ def _wait_relaying(proc: subprocess.Popen, log_path: Path, timeout_s: float | No
         except OSError:
             return
         pos += len(chunk)
-        *done, buf = re.split(r"[\r\n]", buf + chunk.decode("utf-8", "replace"))
+        *done, buf = re.split(rb"[\r\n]", buf + chunk)   # bytes: a read may end mid-character
         for seg in done:
-            if seg.startswith("[train] "):
-                relay(seg[len("[train] "):])
+            if seg.startswith(b"[train] "):
+                relay(seg[len(b"[train] "):].decode("utf-8", "replace"))
 
     while True:
         try:
