@@ -23,7 +23,7 @@ from storage.db import Database
 
 
 def work_dir_for(settings: Settings, work_dir: Path | None) -> Path:
-    d = Path(work_dir) if work_dir else (
+    d = Path(work_dir).expanduser().absolute() if work_dir else (
         settings.state_dir / "simulations" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     if d.exists() and any(d.iterdir()):
         raise SimulationError(f"work dir {d} is not empty: a replay needs a fresh state; "
