@@ -326,8 +326,9 @@ class Settings(BaseSettings):
     @field_validator("state_dir")
     @classmethod
     def _absolute_state_dir(cls, v: Path) -> Path:
-        # Relative to the working directory at load time, once: the trainer and the vLLM
-        # server run as child processes elsewhere, and stored paths must stay valid.
+        # Relative to the working directory at load time, once: paths stored in the
+        # database and handed to the vLLM server (a child process started from the project
+        # root) must stay valid wherever they are read.
         return v.expanduser().absolute()
 
     @property

@@ -110,11 +110,6 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
     """Train a candidate, compare it with the active model on held-out mail, maybe promote."""
     t0 = time.monotonic()
-    # The trainer runs in a child process from the project root: relative paths (a
-    # --state-dir of "state", an encoder directory) must mean what they mean here.
-    state_dir = Path(state_dir).expanduser().absolute()
-    if Path(encoder).expanduser().exists():
-        encoder = str(Path(encoder).expanduser().absolute())
     examples, source = load_examples(db, data, audit_fraction)
     if len(examples) < min_examples:
         raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "
@@ -290,32 +285,22 @@ def _wait_relaying(proc: subprocess.Popen, log_path: Path, timeout_s: float | No
     it appears (a retrain takes minutes: the caller shows its progress). Raises
     ``subprocess.TimeoutExpired`` past ``timeout_s``."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pos, buf = 0, b""
-
-    def drain() -> None:
-        nonlocal pos, buf
-        try:
-            with log_path.open("rb") as fh:
-                fh.seek(pos)
-                chunk = fh.read()
-        except OSError:
-            return
-        pos += len(chunk)
-        *done, buf = re.split(rb"[\r\n]", buf + chunk)   # bytes: a read may end mid-character
-        for seg in done:
-            if seg.startswith(b"[train] "):
-                relay(seg[len(b"[train] "):].decode("utf-8", "replace"))
-
-    while True:
-        try:
-            rc = proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            drain()
+    buf = b""
+    with log_path.open("rb") as fh:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                rc = None
+            # bytes: a read may end inside a multi-byte character
+            *done, buf = re.split(rb"[\r\n]", buf + fh.read())
+            for seg in done:
+                if seg.startswith(b"[train] "):
+                    relay(seg[len(b"[train] "):].decode("utf-8", "replace"))
+            if rc is not None:
+                return rc
             if deadline is not None and time.monotonic() > deadline:
-                raise
-            continue
-        drain()
-        return rc
+                raise subprocess.TimeoutExpired(proc.args, timeout_s)
 
 
 def _run_training(db, run_id: int, run_json: Path, log_path: Path,
@@ -325,9 +310,12 @@ def _run_training(db, run_id: int, run_json: Path, log_path: Path,
         [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "TOKENIZERS_PARALLELISM": "false"}
     with log_path.open("w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "distill.train", "--run-config",
+        # In the caller's working directory, so relative paths (a --state-dir of "state",
+        # an encoder directory) mean the same there; -P keeps that directory off sys.path
+        # (the project comes from PYTHONPATH).
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "distill.train", "--run-config",
                                  str(run_json)], stdout=logf, stderr=subprocess.STDOUT,
-                                env=env, cwd=str(ROOT))
+                                env=env)
         with db.session() as s:
             row = s.get(TrainingRun, run_id)
             row.pid, row.log_path = proc.pid, str(log_path)
