@@ -106,17 +106,12 @@ def _aware(dt: datetime | None) -> datetime | None:
     return dt
 
 
-def list_queue(db: Database, *, account: str | None = None, category: str | None = None,
-               min_age: timedelta | None = None, max_age: timedelta | None = None,
-               limit: int = 200, include_done: bool = False,
-               now: datetime | None = None) -> list[QueueEntry]:
-    """Drafts awaiting review, newest email first.
-
-    ``min_age``/``max_age`` bound how long ago the email arrived (``max_age=1 day``: only
-    mail from the last day). ``include_done`` also lists approved and rejected drafts.
-    """
+def _queue_select(what, *, account: str | None, category: str | None,
+                  min_age: timedelta | None, max_age: timedelta | None, include_done: bool,
+                  now: datetime | None):
     now = now or datetime.now(timezone.utc)
-    q = (select(DraftRow, Message, DecisionRow, Account.name)
+    q = (select(*what)
+         .select_from(DraftRow)
          .join(Message, Message.id == DraftRow.message_id)
          .outerjoin(DecisionRow, DecisionRow.message_id == Message.id)
          .outerjoin(Mailbox, Mailbox.id == Message.mailbox_id)
@@ -134,6 +129,21 @@ def list_queue(db: Database, *, account: str | None = None, category: str | None
         q = q.where(_received() <= now - min_age)
     if max_age is not None:
         q = q.where(_received() >= now - max_age)
+    return q
+
+
+def list_queue(db: Database, *, account: str | None = None, category: str | None = None,
+               min_age: timedelta | None = None, max_age: timedelta | None = None,
+               limit: int = 200, include_done: bool = False,
+               now: datetime | None = None) -> list[QueueEntry]:
+    """Drafts awaiting review, newest email first.
+
+    ``min_age``/``max_age`` bound how long ago the email arrived (``max_age=1 day``: only
+    mail from the last day). ``include_done`` also lists approved and rejected drafts.
+    """
+    q = _queue_select((DraftRow, Message, DecisionRow, Account.name), account=account,
+                      category=category, min_age=min_age, max_age=max_age,
+                      include_done=include_done, now=now)
     q = q.order_by(_received().desc(), DraftRow.id.desc()).limit(limit)
     with db.session() as s:
         rows = s.execute(q).all()
@@ -144,6 +154,16 @@ def list_queue(db: Database, *, account: str | None = None, category: str | None
         category=dec.category if dec else None, priority=dec.priority if dec else None,
         decided_by=dec.source if dec else None, status=d.status,
     ) for d, m, dec, acct in rows]
+
+
+def count_queue(db: Database, *, account: str | None = None, category: str | None = None,
+                min_age: timedelta | None = None, max_age: timedelta | None = None,
+                include_done: bool = False, now: datetime | None = None) -> int:
+    """How many drafts :func:`list_queue` would return with the same filters and no limit."""
+    q = _queue_select((func.count(DraftRow.id),), account=account, category=category,
+                      min_age=min_age, max_age=max_age, include_done=include_done, now=now)
+    with db.session() as s:
+        return int(s.scalar(q) or 0)
 
 
 def email_from_row(m: Message, account: str | None, folder: str | None) -> Email:

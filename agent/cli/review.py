@@ -98,24 +98,31 @@ def review_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List escalated drafts awaiting review, newest email first."""
-    from storage.reviews import list_queue
+    from storage.reviews import count_queue, list_queue
 
     db = app_context(ctx).database()
-    entries = list_queue(db, account=account, category=category,
-                         max_age=_age(max_age, "--max-age"), min_age=_age(min_age, "--min-age"),
-                         limit=limit, include_done=include_done)
+    filters = dict(account=account, category=category, max_age=_age(max_age, "--max-age"),
+                   min_age=_age(min_age, "--min-age"), include_done=include_done)
+    entries = list_queue(db, limit=limit, **filters)
+    total = count_queue(db, **filters) if len(entries) == limit else len(entries)
     if as_json:
-        emit("", {"count": len(entries), "items": [e.__dict__ for e in entries]}, True)
+        emit("", {"count": len(entries), "total": total,
+                  "items": [e.__dict__ for e in entries]}, True)
         return
     from agent.review.app import _age as age_text
 
+    width = max([len(f"{e.category}/{e.priority}") for e in entries] + [10])
     for e in entries:
         flag = "" if e.status == "pending_review" else f" [{e.status}]"
+        label = (e.category or "?") + "/" + (e.priority or "?")
         typer.echo(f"{e.draft_id:>6}  {age_text(e.received_at):>4}  {e.account or '?':<12} "
-                   f"{(e.category or '?') + '/' + (e.priority or '?'):<22} "
-                   f"{e.decided_by or '?':<8} {e.subject[:60]}{flag}")
-    typer.echo(f"{len(entries)} draft(s) " + ("listed" if include_done else
-                                              "waiting for review"))
+                   f"{label:<{width}} {e.decided_by or '?':<8} {e.subject[:60]}{flag}")
+    what = "listed" if include_done else "waiting for review"
+    if total > len(entries):
+        typer.echo(f"{len(entries)} of {total} draft(s) {what} shown, newest first "
+                   f"(--limit {total} for all)")
+    else:
+        typer.echo(f"{total} draft(s) {what}")
 
 
 @review_app.command("show")

@@ -47,6 +47,11 @@ def test_list_and_show(runner, sqlite_db):
     assert lines[-1] == "3 draft(s) waiting for review"
     assert [int(x.split()[0]) for x in lines[:-1]] == [
         b[0]["draft_id"], a[0]["draft_id"], a[1]["draft_id"]]
+    r = runner.invoke(app, ["review", "list", "--limit", "2"])   # says what it left out
+    assert r.stdout.strip().splitlines()[-1] == (
+        "2 of 3 draft(s) waiting for review shown, newest first (--limit 3 for all)")
+    out = json.loads(runner.invoke(app, ["review", "list", "--limit", "1", "--json"]).stdout)
+    assert (out["count"], out["total"]) == (1, 3)
     r = runner.invoke(app, ["review", "list", "--account", "support", "--max-age", "1d",
                             "--json"])
     out = json.loads(r.stdout)

@@ -23,7 +23,7 @@ from agent.review import (
 )
 from agent.review.service import parse_age
 from storage.models import DraftRow, Review
-from storage.reviews import get_item, gold_labels, list_queue, queue_counts
+from storage.reviews import count_queue, get_item, gold_labels, list_queue, queue_counts
 from tests.unit.review_seed import seed_escalated
 
 CATS = ["billing", "technical", "account", "other"]
@@ -215,6 +215,10 @@ def test_queue_filters_newest_first(db):
         b[0]["draft_id"], a[1]["draft_id"], a[2]["draft_id"]]
     assert [e.draft_id for e in list_queue(db, min_age=timedelta(hours=24))] == [
         a[0]["draft_id"], b[1]["draft_id"]]
+    # count_queue counts what list_queue would list without its limit, filters included
+    assert count_queue(db) == 5 and count_queue(db, account="support") == 3
+    assert count_queue(db, max_age=timedelta(hours=12)) == 3
+    assert count_queue(db, category="technical", min_age=timedelta(hours=24)) == 1
     e = list_queue(db, account="sales", limit=1)[0]
     assert (e.account, e.decided_by, e.priority, e.status) == (
         "sales", "teacher", "normal", "pending_review")
