@@ -17,6 +17,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from agent.report.model import (  # noqa: E402
     AuditBucket, Confusion, CoverageRisk, LatencyStat, RouteBucket, SpendPoint, wilson)
+from storage.audits import clopper_pearson  # noqa: E402
 
 STUDENT, TEACHER, HUMAN, GREY = "#0072B2", "#E69F00", "#009E73", "#888888"
 SIZE = (7.6, 3.4)
@@ -82,7 +83,8 @@ def escalation(buckets: tuple[RouteBucket, ...], xlabel: str) -> bytes | None:
 
 
 def audits(buckets: tuple[AuditBucket, ...], epsilon: float | None, xlabel: str) -> bytes | None:
-    """Running audit disagreement (all audits so far) with its Wilson 95% band, against ε.
+    """Running audit disagreement (all audits so far) with its exact (Clopper-Pearson) 95%
+    band, against ε: the interval `status` and the audit check use.
 
     Cumulative, not per bucket: a handful of audits per bucket gives intervals too wide
     to read, while the running rate is what the promise is about.
@@ -93,15 +95,18 @@ def audits(buckets: tuple[AuditBucket, ...], epsilon: float | None, xlabel: str)
     for i, b in enumerate(buckets):
         n, k = n + b.n, k + b.disagreements
         if n:
-            lo, hi = wilson(k, n)
+            lo, hi = clopper_pearson(k, n)
             xs.append(i)
             rates.append(k / n)
             los.append(lo)
             his.append(hi)
+    # Each bucket's value spans its own slot (i - 0.5 .. i + 0.5): the newest, which holds
+    # every audit, would otherwise be a step of no width at the right edge.
+    edges = [x - 0.5 for x in xs] + [xs[-1] + 0.5]
     fig, ax = plt.subplots(figsize=SIZE)
-    ax.fill_between(xs, los, his, color=STUDENT, alpha=0.18, step="post",
-                    label="95% interval")
-    ax.step(xs, rates, where="post", color=STUDENT, lw=2,
+    ax.fill_between(edges, los + los[-1:], his + his[-1:], color=STUDENT, alpha=0.18,
+                    step="post", label="95% interval")
+    ax.step(edges, rates + rates[-1:], where="post", color=STUDENT, lw=2,
             label=f"disagreement so far ({k}/{n})")
     if epsilon is not None:
         ax.axhline(epsilon, color="#D55E00", ls="--", lw=1, label=f"promise ε = {epsilon:.0%}")

@@ -15,7 +15,8 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from agent.report import plots
-from agent.report.model import ReportData, wilson
+from agent.report.model import ReportData
+from storage.audits import clopper_pearson
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -48,9 +49,9 @@ def _b64(png: bytes | None) -> str | None:
 def build_panels(d: ReportData, xlabel: str) -> list[Panel]:
     audits_n = sum(a.n for a in d.audits)
     audits_k = sum(a.disagreements for a in d.audits)
-    lo, hi = wilson(audits_k, audits_n)
+    lo, hi = clopper_pearson(audits_k, audits_n)   # the interval `status` shows
     audit_note = (f"All audits: {audits_k}/{audits_n} = {pct(audits_k / audits_n)} "
-                  f"(95% interval {pct(lo)}–{pct(hi)})"
+                  f"(exact 95% interval {pct(lo)}–{pct(hi)})"
                   + (f" against the promise ε = {pct(d.epsilon)}." if d.epsilon else ".")
                   if audits_n else "")
     cr = d.coverage_risk

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.audit import audit_output
+from storage.audits import audit_summary
 from agent.cli import app
 from agent.report import collect_from_db, render_html
 from agent.report.from_simulation import collect_from_simulation, load_run
@@ -135,6 +136,11 @@ def test_small_database_every_panel_has_an_image(sqlite_db):
     for png in imgs.values():
         assert_real_png(png)
     assert "no data yet" not in html
+    # The audit interval is the one `status` shows for the same audits (exact, 95%).
+    a = audit_summary(sqlite_db, epsilon=0.02)
+    lo, hi = a["interval"]
+    assert f"{a['disagreements']}/{a['n']}" in html
+    assert f"exact 95% interval {lo:.1%}–{hi:.1%}" in html
 
 
 def _run_json(n_windows: int = 8) -> dict:
