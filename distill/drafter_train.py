@@ -59,6 +59,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -373,7 +374,8 @@ def train_drafter(pairs: Sequence[ReplyPair], out_dir: Path, *, base: str = DEFA
         stopper.check(0, metrics["val_loss_before"])
 
     step, losses, aux_losses = 0, [], []
-    bar = tqdm(total=total, desc="drafter LoRA", unit="step", disable=not progress)
+    bar = tqdm(total=total, desc="drafter LoRA", unit="step", disable=not progress,
+               mininterval=2.0 if sys.stderr.isatty() else 30.0)   # a log file: rarer
     model.train()
     while step < total and not (stopper and stopper.stopped):
         order = examples[:]
@@ -400,7 +402,7 @@ def train_drafter(pairs: Sequence[ReplyPair], out_dir: Path, *, base: str = DEFA
             losses.append(loss.item())
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)   # at mininterval
             if stopper is not None and (step % every == 0 or step >= total):
                 stopper.check(step, _mean_loss(model, val_rows, batch_size, pad, autocast))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{stopper.curve[-1][1]:.3f}")

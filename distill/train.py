@@ -150,7 +150,7 @@ def train(run: dict) -> dict:
             step += 1
             running += loss.item()
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # at mininterval
         # ---- evaluation on the validation split (early stopping) ----------------------
         val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128, cfg["bf16"])
         score = _accuracy(val_logits["category"], va.hard["category"])
@@ -320,7 +320,9 @@ def _bar(items, cfg, desc):
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, file=sys.stderr, mininterval=2.0, leave=False)
+    # Into a log file (the pipeline's train.log) a bar is a line per refresh: rarer there.
+    every = 2.0 if sys.stderr.isatty() else 30.0
+    return tqdm(items, desc=desc, file=sys.stderr, mininterval=every, leave=False)
 
 
 def log(cfg: dict, msg: str) -> None:

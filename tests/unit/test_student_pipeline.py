@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -47,6 +48,11 @@ def test_retrain_from_records_creates_a_version_and_gates_the_next(db, state_dir
     r1 = retrain(db, **_kw(state_dir, tiny_encoder_dir), data=data, trigger="manual")
     assert r1.status == "succeeded" and r1.promoted, r1
     assert "first model" in r1.gate_reason
+    # The run's log is for reading: the epochs' lines and a few bar frames per epoch
+    # (a log file refreshes every 30 s), not a frame per step (13 per epoch here before).
+    log = Path(r1.log_path).read_bytes()
+    epochs = log.count(b"[train] epoch ")
+    assert epochs > 0 and log.count(b"\r") <= 4 * epochs, (log.count(b"\r"), epochs)
     info = registry.active_version(db)
     assert info.version == r1.version and info.status == "active"
     assert set(info.thresholds["category"]) >= {"epsilon", "delta", "threshold", "coverage",
