@@ -77,13 +77,19 @@ def build_panels(d: ReportData, xlabel: str) -> list[Panel]:
     ]
 
 
+# Card captions where the summary key does not read well as it is (the value shows "$").
+CAPTIONS = {"teacher_spend_estimated_usd": "teacher spend (estimated)",
+            "teacher_spend_usd": "teacher spend", "teacher_only_usd": "teacher-only cost",
+            "blended_usd": "cascade cost", "saved": "saved vs teacher-only"}
+
+
 def _cards(d: ReportData) -> list[tuple[str, str]]:
     fmt = {"share": pct, "rate": pct, "usd": usd, "accuracy": pct, "coverage": pct,
            "risk": lambda v: pct(v, 2), "saved": pct}
     out = []
     for k, v in d.summary.items():
         f = next((f for suffix, f in fmt.items() if k.endswith(suffix)), None)
-        out.append((k.replace("_", " "), f(v) if f and v is not None else
+        out.append((CAPTIONS.get(k, k.replace("_", " ")), f(v) if f and v is not None else
                     ("-" if v is None else str(v))))
     return out
 

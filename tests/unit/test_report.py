@@ -141,6 +141,7 @@ def test_small_database_every_panel_has_an_image(sqlite_db):
     lo, hi = a["interval"]
     assert f"{a['disagreements']}/{a['n']}" in html
     assert f"exact 95% interval {lo:.1%}–{hi:.1%}" in html
+    assert "teacher-only cost" in html and "only usd" not in html   # captions read as words
 
 
 def _run_json(n_windows: int = 8) -> dict:
