@@ -111,10 +111,10 @@ def review_list(
         return
     from agent.review.app import _age as age_text
 
-    width = max([len(f"{e.category}/{e.priority}") for e in entries] + [10])
-    for e in entries:
+    labels = [f"{e.category or '?'}/{e.priority or '?'}" for e in entries]
+    width = max([len(x) for x in labels] + [10])
+    for e, label in zip(entries, labels):
         flag = "" if e.status == "pending_review" else f" [{e.status}]"
-        label = (e.category or "?") + "/" + (e.priority or "?")
         typer.echo(f"{e.draft_id:>6}  {age_text(e.received_at):>4}  {e.account or '?':<12} "
                    f"{label:<{width}} {e.decided_by or '?':<8} {e.subject[:60]}{flag}")
     what = "listed" if include_done else "waiting for review"
