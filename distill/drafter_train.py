@@ -59,7 +59,6 @@ import json
 import math
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,6 +69,7 @@ import torch
 
 from distill.drafter import (ADAPTER_META, DEFAULT_BASE, MAX_INPUT_TOKENS, cpu_has_fast_bf16,
                              generate_drafts, prompt_ids, resolve_base)
+from distill.train import bar_interval
 from storage.types import Email
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -375,7 +375,7 @@ def train_drafter(pairs: Sequence[ReplyPair], out_dir: Path, *, base: str = DEFA
 
     step, losses, aux_losses = 0, [], []
     bar = tqdm(total=total, desc="drafter LoRA", unit="step", disable=not progress,
-               mininterval=2.0 if sys.stderr.isatty() else 30.0)   # a log file: rarer
+               mininterval=bar_interval())
     model.train()
     while step < total and not (stopper and stopper.stopped):
         order = examples[:]

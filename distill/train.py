@@ -320,9 +320,13 @@ def _bar(items, cfg, desc):
         return items
     from tqdm import tqdm
 
-    # Into a log file (the pipeline's train.log) a bar is a line per refresh: rarer there.
-    every = 2.0 if sys.stderr.isatty() else 30.0
-    return tqdm(items, desc=desc, file=sys.stderr, mininterval=every, leave=False)
+    return tqdm(items, desc=desc, file=sys.stderr, mininterval=bar_interval(), leave=False)
+
+
+def bar_interval() -> float:
+    """Seconds between progress-bar refreshes: into a log file (the pipeline's train.log)
+    each refresh is a line's worth of bytes, so rarer there than on a terminal."""
+    return 2.0 if sys.stderr.isatty() else 30.0
 
 
 def log(cfg: dict, msg: str) -> None:

@@ -17,12 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.audit import audit_output
-from storage.audits import audit_summary
 from agent.cli import app
 from agent.report import collect_from_db, render_html
 from agent.report.from_simulation import collect_from_simulation, load_run
 from agent.report.model import confusion_from_pairs, coverage_risk_curve, percentiles, wilson
 from agent.simulate.data import SimulationDataError
+from storage.audits import audit_summary
 from storage.calls import record_call
 from storage.models import Message, ModelVersion
 from storage.work import commit_decision

@@ -7,8 +7,8 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
