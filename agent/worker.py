@@ -18,6 +18,9 @@ scratch) or a committed decision whose remaining actions the next pass finishes.
 
 When the teacher is unavailable (outage, spend cap), escalations are parked ``waiting``
 with exponential backoff while student-handled mail keeps flowing; audits are skipped.
+After a failure the worker stops calling the teacher for a while (:class:`TeacherBreaker`:
+5 s, doubling, at most a minute): a backlog arriving during an outage waits without a
+call per batch, and when the pause ends one email probes before the rest are sent.
 """
 
 from __future__ import annotations
@@ -77,6 +80,47 @@ class PassResult:
         self.routes[route] = self.routes.get(route, 0) + 1
 
 
+@dataclass
+class TeacherBreaker:
+    """When to call the teacher again after it was unavailable.
+
+    Closed (``failures == 0``): every escalation goes to the teacher. After a failure it is
+    open for ``base_s * 2^(failures-1)`` seconds (at most ``cap_s``; a spent daily cap
+    gives its own, longer pause): escalations wait without a call. Then it half-opens: one
+    email probes, and only if the teacher answers are the others sent.
+    """
+
+    base_s: float = 5.0
+    cap_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    until: float = 0.0
+    reason: str | None = None
+
+    def remaining(self) -> float:
+        """Seconds until the teacher may be called again (0: now)."""
+        return max(0.0, self.until - self.clock()) if self.failures else 0.0
+
+    @property
+    def probing(self) -> bool:
+        """The pause is over but the last call failed: try one email first."""
+        return self.failures > 0 and self.remaining() == 0.0
+
+    def failed(self, reason: str, pause_s: float | None = None) -> float:
+        """Record a failed call; returns the pause before the next one."""
+        self.failures += 1
+        pause = pause_s if pause_s is not None else \
+            min(self.cap_s, self.base_s * 2 ** (self.failures - 1))
+        self.until, self.reason = self.clock() + pause, reason
+        return pause
+
+    def answered(self) -> bool:
+        """The teacher answered; True when that ends an outage."""
+        was_down = self.failures > 0
+        self.failures, self.until, self.reason = 0, 0.0, None
+        return was_down
+
+
 class TriageWorker:
     """Runs triage passes. Flat arguments; see agent.build.build_worker for the wiring."""
 
@@ -84,7 +128,8 @@ class TriageWorker:
                  student: Callable[[], Student], teacher: Teacher | None,
                  actions_for: Callable[[str], Actions | None],
                  move_rules: dict[str, dict[str, str]], batch_size: int = 32,
-                 backoff_base_s: float = 5.0, backoff_cap_s: float = 300.0):
+                 backoff_base_s: float = 5.0, backoff_cap_s: float = 300.0,
+                 breaker: TeacherBreaker | None = None):
         self.db = db
         self.worker_id = worker_id
         self.router = router
@@ -95,6 +140,7 @@ class TriageWorker:
         self.batch_size = batch_size
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
+        self.breaker = breaker or TeacherBreaker(base_s=backoff_base_s)
         self.held: set[int] = set()       # ids claimed and not yet finished (for release)
         self._t0 = time.monotonic()
 
@@ -197,24 +243,37 @@ class TriageWorker:
     def _ask_teacher(self, emails: Sequence[Email]) -> tuple[dict[str, TeacherResult], str | None]:
         if not emails:
             return {}, None
-        self._retry_after_s = None
         if self.teacher is None:
             return {}, "no teacher configured"
-        try:
-            answers = {r.email_id: r for r in self.teacher.label(emails)}
-            if any(r.ok for r in answers.values()) and work.wake_waiting(self.db):
-                log.info("teacher answers again; waiting escalations are due now")
-            return answers, None
-        except TeacherUnavailable as e:
-            # Answers obtained (and paid for) before it gave up are used; the rest wait.
-            log.warning("teacher unavailable; escalations wait", error=str(e),
-                        answered=len(e.results), asked=len(emails),
-                        retry_after_s=e.retry_after_s)
-            # A spent daily cap resets at 00:00 UTC: no point retrying before (up to an
-            # hour at a time). Outages use our own backoff, which starts short.
-            if isinstance(e, SpendCapReached):
-                self._retry_after_s = e.retry_after_s
-            return {r.email_id: r for r in e.results}, f"{type(e).__name__}: {e}"
+        pause = self.breaker.remaining()
+        if pause > 0:
+            log.info("teacher paused after a failure; escalations wait without a call",
+                     emails=len(emails), retry_in_s=round(pause, 1), reason=self.breaker.reason)
+            return {}, f"{self.breaker.reason} (teacher paused; next try in {pause:.0f} s)"
+        # After an outage one email probes; the rest follow only if the teacher answers.
+        batches = [emails[:1], emails[1:]] if self.breaker.probing else [emails]
+        answers: dict[str, TeacherResult] = {}
+        for batch in (b for b in batches if b):
+            try:
+                answers.update((r.email_id, r) for r in self.teacher.label(batch))
+            except TeacherUnavailable as e:
+                # Answers obtained (and paid for) before it gave up are used; the rest wait.
+                answers.update((r.email_id, r) for r in e.results)
+                reason = f"{type(e).__name__}: {e}"
+                # A spent daily cap resets at 00:00 UTC: no point retrying before (up to
+                # an hour at a time). Outages use the breaker's own pause, which starts short.
+                pause = self.breaker.failed(reason, min(
+                    self.backoff_cap_s * 4, e.retry_after_s or 0.0)
+                    if isinstance(e, SpendCapReached) else None)
+                log.warning("teacher unavailable; escalations wait", error=str(e),
+                            answered=len(answers), asked=len(emails),
+                            failures=self.breaker.failures, retry_in_s=round(pause, 1))
+                return answers, reason
+            if self.breaker.answered():
+                log.info("teacher answers again", probe=len(batch) == 1)
+        if any(r.ok for r in answers.values()) and work.wake_waiting(self.db):
+            log.info("waiting escalations are due now")
+        return answers, None
 
     def _student_calls(self, e: Email, t: Triage | None, d: Draft | None, student: Student,
                        r: Route) -> list:
@@ -243,8 +302,7 @@ class TriageWorker:
               calls: list) -> None:
         if answer is not None:      # a paid-for failure is a row too
             calls = [*calls, lambda s, mid: record_teacher_result(s, answer, message_id=mid)]
-        delay = max(self._backoff(e.db_id), min(self.backoff_cap_s * 4,
-                                                 getattr(self, "_retry_after_s", None) or 0.0))
+        delay = max(self._backoff(e.db_id), self.breaker.remaining())
         reason = unavailable or (answer.error if answer else "no answer")
         work.record_calls(self.db, calls, e.db_id)
         if work.defer(self.db, e.db_id, self.worker_id, delay_s=delay, error=reason):

@@ -86,3 +86,68 @@ def test_triage_command_one_pass_json(sqlite_db, messages_api, monkeypatch):
     assert out["decided"] == 5 and out["routes"] == {"teacher": 5} and out["waiting"] == 0
     r = CliRunner().invoke(app, ["--database-url", sqlite_db.url, "triage"])
     assert r.exit_code == 0 and "triaged 0 email(s)" in r.output
+
+
+def test_breaker_pauses_double_up_to_the_cap_and_reset_on_an_answer():
+    from agent.worker import TeacherBreaker
+
+    now = [100.0]
+    b = TeacherBreaker(base_s=5.0, cap_s=60.0, clock=lambda: now[0])
+    assert b.remaining() == 0.0 and not b.probing
+    pauses = [b.failed("529") for _ in range(6)]
+    assert pauses == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    assert b.remaining() == 60.0 and not b.probing
+    now[0] += 59.0
+    assert b.remaining() == 1.0
+    now[0] += 1.0
+    assert b.probing and b.remaining() == 0.0
+    assert b.answered() is True and b.failures == 0 and not b.probing
+    assert b.answered() is False                     # answering while up ends nothing
+    assert b.failed("spend cap", 900.0) == 900.0     # a spent cap brings its own pause
+
+
+def test_outage_backlog_is_not_sent_batch_after_batch_and_one_email_probes(
+        sqlite_db, messages_api, monkeypatch):
+    """During an outage a backlog waits without a teacher call per batch; when the pause
+    ends, one email probes, and only when it is answered does the rest follow."""
+    from agent.worker import TeacherBreaker
+
+    _seed(sqlite_db, 24)
+    now = [0.0]
+    w = build_worker(_settings(messages_api, monkeypatch, sqlite_db), sqlite_db, worker_id="w1")
+    w.teacher.concurrency = 1                     # one request per failed call, exactly
+    w.breaker = TeacherBreaker(base_s=5.0, cap_s=60.0, clock=lambda: now[0])
+    messages_api.start_outage(529)
+    r = w.run_until_empty()                       # 3 batches of 8
+    assert r.waiting == 24 and not r.routes
+    assert len(messages_api.message_requests()) == 1   # the first call; then the pause
+    with sqlite_db.session() as s:
+        errors = list(s.scalars(select(Message.last_error)))
+        assert all("paused" in e for e in errors[8:]), errors
+    # The pause passes, the teacher is still down: one email probes, and fails.
+    now[0] += 5.0
+    _due_now(sqlite_db)
+    r = w.run_once()
+    assert r.waiting == 8 and len(messages_api.message_requests()) == 2
+    assert w.breaker.failures == 2 and w.breaker.remaining() == 10.0
+    # The teacher is back: the probe answers, the rest of the batch follows, and the
+    # whole backlog drains.
+    messages_api.end_outage()
+    now[0] += 10.0
+    _due_now(sqlite_db)
+    total = w.run_until_empty()
+    assert total.routes == {"teacher": 24} and w.breaker.failures == 0
+    assert queue_depth(sqlite_db) == {}
+    assert len(messages_api.message_requests()) == 2 + 24
+
+
+def _due_now(db):
+    """The messages' own backoff is wall-clock: make the waiting ones due (the breaker's
+    clock is the test's)."""
+    from sqlalchemy import update
+
+    from storage.work import _now
+
+    with db.session() as s:
+        s.execute(update(Message).where(Message.state == "waiting")
+                  .values(next_attempt_at=_now()))
