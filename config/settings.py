@@ -234,6 +234,8 @@ class TeacherSettings(_Section):
     max_retries: int = Field(4, ge=0)
     max_output_tokens: int = Field(1024, ge=64)
     self_consistency_k: int = Field(1, ge=1, le=16)
+    concurrency: int = Field(4, ge=1, le=64, description=(
+        "Requests in flight at once (anthropic backend); raise it with your rate limit."))
 
     @property
     def price_table(self) -> PriceTable:

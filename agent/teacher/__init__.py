@@ -77,7 +77,8 @@ def build_teacher(settings: Any, db: Any = None, **overrides: Any):
     kwargs = dict(model=t.model, api_key=api_key or "unused", base_url=t.base_url,
                   taxonomy=tax, prices=t.price_table, timeout_s=t.timeout_s,
                   max_retries=t.max_retries, max_output_tokens=t.max_output_tokens,
-                  self_consistency_k=t.self_consistency_k, guard=guard)
+                  self_consistency_k=t.self_consistency_k, concurrency=t.concurrency,
+                  guard=guard)
     return ClaudeTeacher(**{**kwargs, **overrides})
 
 

@@ -52,6 +52,8 @@ def test_teacher_outage_parks_escalations_then_drains(sqlite_db, messages_api, m
     r1, r2 = w.run_once(), w.run_once()          # batches of 8 and 2
     assert r1.waiting + r2.waiting == 10 and not r1.routes and not r2.routes
     assert queue_depth(sqlite_db) == {"waiting": 10}
+    failed_requests = len(messages_api.message_requests())
+    assert failed_requests >= 1
     messages_api.end_outage()
     import time
 
@@ -63,9 +65,11 @@ def test_teacher_outage_parks_escalations_then_drains(sqlite_db, messages_api, m
     assert total == 10 and queue_depth(sqlite_db) == {}
     with sqlite_db.session() as s:
         assert s.scalar(select(func.count()).select_from(DecisionRow)) == 10
-        # Each failed attempt is a row too (the teacher gives up at the first failure of
-        # a batch; the rest of the batch was never sent).
-        assert s.scalar(select(func.count()).where(ModelCall.error.is_not(None))) >= 2
+        # Each failed request is a row too (the teacher gives up at the first failure of
+        # a batch, the rest of the batch is never sent, and the second batch finds the
+        # teacher paused: no call).
+        assert s.scalar(select(func.count()).where(ModelCall.error.is_not(None))) \
+            == failed_requests
 
 
 def test_triage_command_one_pass_json(sqlite_db, messages_api, monkeypatch):
@@ -114,8 +118,9 @@ def test_outage_backlog_is_not_sent_batch_after_batch_and_one_email_probes(
 
     _seed(sqlite_db, 24)
     now = [0.0]
-    w = build_worker(_settings(messages_api, monkeypatch, sqlite_db), sqlite_db, worker_id="w1")
-    w.teacher.concurrency = 1                     # one request per failed call, exactly
+    w = build_worker(_settings(messages_api, monkeypatch, sqlite_db, concurrency=1),
+                     sqlite_db, worker_id="w1")    # one request per failed call, exactly
+    assert w.teacher.concurrency == 1
     w.breaker = TeacherBreaker(base_s=5.0, cap_s=60.0, clock=lambda: now[0])
     messages_api.start_outage(529)
     r = w.run_until_empty()                       # 3 batches of 8
