@@ -256,6 +256,19 @@ def build_worker(settings: Settings, db: Database, *, worker_id: str | None = No
         batch_size=settings.daemon.triage_batch)
 
 
+def build_housekeeping(settings: Settings, db: Database) -> Callable[[], Any] | None:
+    """The nightly clean-up: raw email bytes past scheduler.keep_raw_days (None: keep)."""
+    days = settings.scheduler.keep_raw_days
+    if not days:
+        return None
+
+    def housekeeping() -> dict:
+        from storage.raw_retention import prune_raw
+
+        return {"raw": prune_raw(db, older_than_days=days).as_dict()}
+    return housekeeping
+
+
 def build_retrain(settings: Settings, db: Database) -> Callable[[str], Any]:
     """trigger -> distill.pipeline.retrain(...) with flat arguments from settings."""
     def retrain(trigger: str):
@@ -301,7 +314,8 @@ def build_daemon(settings: Settings, db: Database, *, worker_id: str | None = No
         sc = settings.scheduler
         sched = RetrainScheduler(db, cron=sc.retrain_cron, min_new_examples=sc.min_new_examples,
                                  retrain=build_retrain(settings, db), leader=Leader(db),
-                                 on_result=lambda _r: student.refresh())
+                                 on_result=lambda _r: student.refresh(),
+                                 housekeeping=build_housekeeping(settings, db))
     r = settings.router
 
     def epsilon() -> float:

@@ -1,4 +1,4 @@
-"""Scheduled retraining, run by one leader per database.
+"""Scheduled retraining (and the nightly housekeeping), run by one leader per database.
 
 APScheduler (BackgroundScheduler) fires ``scheduler.retrain_cron``; the job retrains only
 when this process is the leader and at least ``scheduler.min_new_examples`` new training
@@ -100,7 +100,8 @@ class RetrainScheduler:
 
     def __init__(self, db: Database, *, cron: str, min_new_examples: int,
                  retrain: Callable[[str], Any], leader: Leader,
-                 on_result: Callable[[Any], None] | None = None, timezone: str | None = None):
+                 on_result: Callable[[Any], None] | None = None, timezone: str | None = None,
+                 housekeeping: Callable[[], Any] | None = None):
         self.db = db
         self.cron = cron
         self.min_new_examples = min_new_examples
@@ -108,6 +109,7 @@ class RetrainScheduler:
         self.leader = leader
         self.on_result = on_result
         self.timezone = timezone
+        self.housekeeping = housekeeping
         self._sched = None
         self._running = threading.Lock()
 
@@ -137,6 +139,7 @@ class RetrainScheduler:
             if not self.leader.is_leader():
                 log.info("retrain skipped: another daemon is the scheduler leader")
                 return {"ran": False, "reason": "not leader"}
+            self._housekeeping()
             n = new_examples_since_last_run(self.db)
             if n < self.min_new_examples:
                 log.info("retrain skipped: too few new examples", new_examples=n,
@@ -154,3 +157,14 @@ class RetrainScheduler:
             return {"ran": True, "result": result, "new_examples": n}
         finally:
             self._running.release()
+
+    def _housekeeping(self) -> None:
+        """The leader's nightly clean-up (raw email retention), before the retrain check;
+        a failure is logged and does not stop the retrain."""
+        if self.housekeeping is None:
+            return
+        try:
+            out = self.housekeeping()
+            log.info("housekeeping done", result=out)
+        except Exception as e:  # noqa: BLE001 - the daemon keeps running
+            log.error("housekeeping failed", error=f"{type(e).__name__}: {e}")

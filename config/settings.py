@@ -277,6 +277,10 @@ class SchedulerSettings(_Section):
         "(`understudy models prune`)."))
     prune_after_retrain: bool = Field(True, description=(
         "Prune to keep_versions after each retrain; false keeps every version's files."))
+    keep_raw_days: int = Field(90, ge=0, description=(
+        "Delete the raw bytes (attachments included) of emails acted on and ingested more "
+        "than this many days ago, with the nightly job; their parsed text, decisions and "
+        "model calls stay (`understudy db prune-raw`). 0 keeps them forever."))
 
     @field_validator("retrain_cron")
     @classmethod

@@ -1,4 +1,4 @@
-"""`config validate`, `db upgrade|downgrade|current` and `status`."""
+"""`config validate`, `db upgrade|downgrade|current|prune-raw` and `status`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from agent.cli.common import EXIT_CONFIG, JsonOpt, app_context, emit, fail
 from config import ConfigError, load_settings
 
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
-db_app = typer.Typer(help="Create and migrate the database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Create and migrate the database schema; prune old raw email bytes.",
+                      no_args_is_help=True)
 
 
 @config_app.command("validate")
@@ -106,6 +107,32 @@ def db_current(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     emit(f"{db.redacted_url()}: {cur or 'empty'} (newest {head})",
          {"url": db.redacted_url(), "current": cur, "head": head, "up_to_date": cur == head},
          as_json)
+
+
+@db_app.command("prune-raw")
+def db_prune_raw(ctx: typer.Context,
+                 older_than_days: Annotated[Optional[int], typer.Option(
+                     "--older-than-days", min=1, help="Age in days (by ingest time); default "
+                     "scheduler.keep_raw_days.")] = None,
+                 dry_run: Annotated[bool, typer.Option(
+                     "--dry-run", help="Count what would be deleted; change nothing.")] = False,
+                 as_json: JsonOpt = False) -> None:
+    """Delete the raw bytes (attachments included) of emails acted on and ingested more than
+    N days ago. Their parsed text, decisions, drafts and model calls stay, and so does the
+    mail in the mailbox; emails that failed to parse and mail still queued keep their bytes.
+    The daemon's nightly job does the same with scheduler.keep_raw_days. On SQLite the
+    freed space is reused by new mail; VACUUM shrinks the file."""
+    from storage.raw_retention import prune_raw
+
+    actx = app_context(ctx)
+    days = older_than_days or actx.settings.scheduler.keep_raw_days
+    if not days:
+        fail("scheduler.keep_raw_days is 0 (keep forever): pass --older-than-days N")
+    r = prune_raw(actx.database(), older_than_days=days, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    emit(f"{verb} the raw bytes of {r.messages} email(s) ingested before "
+         f"{r.cutoff:%Y-%m-%d %H:%M} UTC: {r.bytes / 1e6:.1f} MB",
+         {**r.as_dict(), "older_than_days": days}, as_json)
 
 
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
