@@ -100,8 +100,11 @@ def configure_logging(json: bool = False, level: str = "info", stream=None) -> N
         structlog.processors.format_exc_info,
         redact,
     ]
+    # A plain traceback: the default console one (rich) prints every frame's local
+    # variables (request headers, session ids), after redaction has run.
     renderer = (structlog.processors.JSONRenderer() if json
-                else structlog.dev.ConsoleRenderer(colors=False))
+                else structlog.dev.ConsoleRenderer(
+                    colors=False, exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *pre_chain,
                     structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -128,6 +131,8 @@ def _render_stdlib_message(_logger: Any, _method: str, event_dict: dict) -> dict
     record = event_dict.get("_record")
     if record is not None and record.exc_info and "exception" not in event_dict:
         event_dict["exception"] = logging.Formatter().formatException(record.exc_info)
+    # Rendered to text above (and redacted next): the renderer must not format it again.
+    event_dict.pop("exc_info", None)
     return event_dict
 
 

@@ -81,3 +81,26 @@ def test_the_default_handler_follows_a_swapped_stderr_and_survives_it_closing(mo
     structlog.get_logger("t").info("two")
     assert '"one"' in first_text and "sk-ant-secret" not in first_text
     assert '"two"' in second.getvalue() and '"one"' not in second.getvalue()
+
+
+def test_a_traceback_on_the_console_shows_no_local_variables_and_no_secret():
+    """uvicorn logs a 500 with exc_info: the console renderer must not print the frames'
+    locals (request headers, session ids) nor an unredacted copy of the traceback."""
+    buf = io.StringIO()
+    configure_logging(json=False, stream=buf)
+
+    def handler():
+        headers = {"authorization": "Bearer tok-in-a-local-variable-123"}  # noqa: F841
+        session_id = "sess-only-in-locals-456"                              # noqa: F841
+        raise ValueError("failed; authorization: Bearer tok-in-the-message-789")
+
+    try:
+        handler()
+    except ValueError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        structlog.get_logger().exception("structlog too")
+    out = buf.getvalue()
+    assert out.count("Traceback (most recent call last)") == 2
+    assert "in handler" in out and "ValueError: failed" in out
+    for secret in ("tok-in-a-local-variable", "sess-only-in-locals", "tok-in-the-message"):
+        assert secret not in out
