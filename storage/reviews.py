@@ -238,6 +238,36 @@ def add_review(s: Session, *, message_db_id: int, draft_id: int, action: str, re
     return r.id
 
 
+# How long an approval's delivery belongs to the process that claimed it: an IMAP APPEND
+# or an SMTP send takes seconds; a process that died mid-delivery frees it after this.
+DELIVERY_HOLD_S = 120.0
+
+
+def claim_delivery(db: Database, draft_id: int, *, hold_s: float = DELIVERY_HOLD_S) -> bool:
+    """Take the delivery of an approved, undelivered draft, in one conditional UPDATE.
+
+    Approving sets ``updated_at``: the approver holds the delivery for ``hold_s``. Anyone
+    else (a second reviewer, the CLI beside the web app, another ``serve``) gets False
+    until the holder delivered, released it (a failure) or ran past ``hold_s`` (it died).
+    Without it, two processes could both find no draft in Drafts and both APPEND one.
+    """
+    now = utcnow()
+    with db.session() as s:
+        return s.execute(update(DraftRow).where(
+            DraftRow.id == draft_id, DraftRow.status == APPROVED,
+            DraftRow.appended_at.is_(None),
+            DraftRow.updated_at < now - timedelta(seconds=hold_s))
+            .values(updated_at=now)).rowcount == 1
+
+
+def release_delivery(db: Database, draft_id: int, *, hold_s: float = DELIVERY_HOLD_S) -> None:
+    """A delivery failed: the next approve may retry at once."""
+    with db.session() as s:
+        s.execute(update(DraftRow).where(DraftRow.id == draft_id,
+                                         DraftRow.appended_at.is_(None))
+                  .values(updated_at=utcnow() - timedelta(seconds=2 * hold_s)))
+
+
 def record_delivery(db: Database, draft_id: int, *, folder: str | None,
                     uidvalidity: int | None, uid: int | None,
                     message_id: str | None) -> None:

@@ -42,9 +42,11 @@ from storage.reviews import (
     REJECTED,
     ReviewItem,
     add_review,
+    claim_delivery,
     claim_for_review,
     get_item,
     record_delivery,
+    release_delivery,
 )
 from storage.types import Email
 
@@ -136,6 +138,7 @@ class ReviewService:
         log = get_logger(draft_id=draft_id, message_db_id=item.email.db_id,
                          account=item.email.account, reviewer=reviewer)
         if item.status == APPROVED and item.delivered:
+            self._same_as_approved(item, final_body, category, priority, needs_reply)
             log.info("review.approve.already_done", uid=item.appended_uid)
             return self._outcome(item, changed=False)
         if item.status not in (PENDING, APPROVED):
@@ -162,12 +165,50 @@ class ReviewService:
             item = self.item(draft_id)     # the committed text and Message-ID win races
             if item.status == REJECTED:
                 raise AlreadyReviewed(f"draft {draft_id} was rejected meanwhile")
+        if not changed:
+            # Approved before (by someone else, or by this reviewer before a failed
+            # delivery): its text and labels stand; different ones are refused, not dropped.
+            self._same_as_approved(item, final_body, category, priority, needs_reply)
         if not item.delivered:
-            item, created = self._deliver(item, log)
+            # The approver holds the delivery for a while; anyone else waits for it, so two
+            # processes never both APPEND (the Message-ID check alone is not atomic).
+            if not changed and not claim_delivery(self.db, draft_id):
+                item = self.item(draft_id)
+                if item.delivered:
+                    return self._outcome(item, changed=False)
+                raise AlreadyReviewed(
+                    f"draft {draft_id} was approved{_by(item)} and is being delivered now; "
+                    "look again in a few seconds (up to 2 minutes if that delivery was cut "
+                    "short)")
+            try:
+                item, created = self._deliver(item, log)
+            except DeliveryFailed:
+                release_delivery(self.db, draft_id)
+                raise
             # A retried delivery that finally wrote the draft is a change too; one that
             # found the draft already there (crash after APPEND) is not.
             changed = changed or created
         return self._outcome(item, changed=changed)
+
+    def _same_as_approved(self, item: ReviewItem, final_body: str | None,
+                          category: str | None, priority: str | None,
+                          needs_reply: bool | None) -> None:
+        last = item.reviews[-1] if item.reviews else None
+        approved = normalize_body(item.final_draft or item.draft)
+        differs = []
+        if final_body is not None and normalize_body(final_body) != approved:
+            differs.append("text")
+        if last is not None:
+            for name, mine, theirs in (("category", category, last.category),
+                                       ("priority", priority, last.priority),
+                                       ("needs-reply", needs_reply, last.needs_reply)):
+                if mine is not None and theirs is not None and mine != theirs:
+                    differs.append(name)
+        if differs:
+            raise AlreadyReviewed(
+                f"draft {item.draft_id} was already approved{_by(item)} with its own "
+                f"{', '.join(differs)}; your changes were not applied (the approved version "
+                "stands; approving it unchanged retries a failed delivery)")
 
     def edit(self, draft_id: int, body: str, *, reviewer: str, **labels: Any) -> ReviewOutcome:
         """Keep ``body`` as the final draft and approve it (recorded as an edit)."""
@@ -269,6 +310,13 @@ class ReviewService:
             draft_id=item.draft_id, action=action, status=item.status, changed=changed,
             delivered=item.delivered, folder=item.appended_folder, uid=item.appended_uid,
             draft_message_id=item.draft_message_id)
+
+
+def _by(item: ReviewItem) -> str:
+    last = item.reviews[-1] if item.reviews else None
+    if last is None:
+        return ""
+    return f" by {last.reviewer or 'someone'} at {last.created_at:%Y-%m-%d %H:%M} UTC"
 
 
 def _new_message_id(original: Email) -> str:

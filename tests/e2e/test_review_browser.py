@@ -260,12 +260,22 @@ def test_review_in_browser_writes_two_drafts_to_dovecot(dovecot, sqlite_db, stat
     assert (g3["action"], g3["needs_reply"], g3["draft"]) == ("reject", False, None)
 
     # A crash after the APPEND but before it was recorded: approving again must find the
-    # draft on the server by its Message-ID instead of writing a second one.
+    # draft on the server by its Message-ID instead of writing a second one. While the
+    # crashed delivery could still be running, no one else delivers.
+    from datetime import datetime, timedelta, timezone
+
+    from agent.review import build_review_service
+    from agent.review.errors import AlreadyReviewed
+
     with db.session() as s:
         s.execute(update(DraftRow).where(DraftRow.id == first["draft_id"])
-                  .values(appended_at=None, appended_uid=None))
-    from agent.review import build_review_service
-
+                  .values(appended_at=None, appended_uid=None,
+                          updated_at=datetime.now(timezone.utc)))
+    with pytest.raises(AlreadyReviewed, match="being delivered"):
+        build_review_service(settings, db).approve(first["draft_id"], reviewer="ana")
+    with db.session() as s:
+        s.execute(update(DraftRow).where(DraftRow.id == first["draft_id"])
+                  .values(updated_at=datetime.now(timezone.utc) - timedelta(minutes=10)))
     out = build_review_service(settings, db).approve(first["draft_id"], reviewer="ana")
     assert out.delivered and not out.changed
     assert len(_drafts_on_server(dovecot)) == 2

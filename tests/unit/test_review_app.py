@@ -274,6 +274,10 @@ def test_failed_delivery_is_shown_and_retried_from_the_page(env):
     r = client.post(f"/items/{s['draft_id']}/approve", data=form)
     assert "could not be delivered" in r.text and "Retry delivery" in r.text
     assert "delivery pending" in r.text and folder.drafts == {}
-    r = client.post(f"/items/{s['draft_id']}/approve", data={**form, "body": "ignored"})
+    # The page offers the approved version, read-only: a changed text is refused.
+    assert re.search(r'<textarea id="draft"[^>]* readonly>Edited</textarea>', r.text)
+    r = client.post(f"/items/{s['draft_id']}/approve", data={**form, "body": "changed"})
+    assert "your changes were not applied" in r.text and folder.drafts == {}
+    r = client.post(f"/items/{s['draft_id']}/approve", data=form)
     assert list(folder.drafts.values()) == [(s["message_id"], "Edited")]
     assert "Nothing waiting for review" in r.text

@@ -7,7 +7,9 @@ per Message-ID) stands in. The browser e2e test runs the real one against Doveco
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,11 +44,15 @@ class Appended:
 class DraftsFolder:
     """Stands in for MailboxActions.append_draft: one draft per Message-ID, ever."""
 
-    def __init__(self, fail_times: int = 0):
+    def __init__(self, fail_times: int = 0, atomic: bool = True):
         self.drafts: dict[str, tuple[str, str]] = {}
         self.calls: list[tuple[str, str | None]] = []
+        self.appends = 0                  # APPENDs done (two for one Message-ID: a duplicate)
         self.fail_times = fail_times
-        self.lock = threading.Lock()
+        # Not atomic: like two processes on two IMAP connections, the search for the
+        # Message-ID and the APPEND are two commands another client can slip between.
+        self.lock = threading.Lock() if atomic else contextlib.nullcontext()
+        self.atomic = atomic
 
     def append_draft(self, original, body, *, draft_message_id):
         with self.lock:
@@ -55,7 +61,10 @@ class DraftsFolder:
                 self.fail_times -= 1
                 raise ConnectionError("IMAP server went away")
             created = draft_message_id not in self.drafts
+            if not self.atomic:
+                time.sleep(0.05)
             if created:
+                self.appends += 1
                 self.drafts[draft_message_id] = (original.message_id, body)
             uid = list(self.drafts).index(draft_message_id) + 1
             return Appended("Drafts", 7, uid, draft_message_id, created)
@@ -87,8 +96,10 @@ def test_approve_delivers_once_and_stores_gold_labels(db):
     (orig_mid, body), = folder.drafts.values()
     assert orig_mid == seeded[0]["message_id"] and body == seeded[0]["draft"]
 
-    again = svc.approve(did, reviewer="bob", final_body="something else")
+    again = svc.approve(did, reviewer="bob")                 # a double-click: no change
     assert not again.changed and again.delivered
+    with pytest.raises(AlreadyReviewed, match="with its own text; your changes were not"):
+        svc.approve(did, reviewer="bob", final_body="something else")
     assert len(folder.calls) == 1 and len(folder.drafts) == 1
     assert count(db, Review) == 1
 
@@ -167,7 +178,13 @@ def test_failed_delivery_keeps_approval_in_queue_and_retry_uses_same_message_id(
     assert [e.status for e in list_queue(sqlite_db)] == ["approved"]
     assert queue_counts(sqlite_db) == {"pending_review": 0, "approved_undelivered": 1}
 
-    out = svc.approve(seeded["draft_id"], reviewer="bob", final_body="a different text")
+    # The approved text stands: a different one is refused, not silently dropped.
+    with pytest.raises(AlreadyReviewed, match="approved by ana .* your changes were not"):
+        svc.approve(seeded["draft_id"], reviewer="bob", final_body="a different text")
+    with pytest.raises(AlreadyReviewed, match="category"):
+        svc.approve(seeded["draft_id"], reviewer="bob", category="account")
+    assert folder.calls == [(seeded["message_id"], item.draft_message_id)]
+    out = svc.approve(seeded["draft_id"], reviewer="bob", final_body="Edited reply")
     assert out.delivered and out.changed       # this call wrote the draft
     assert folder.calls[0][1] == folder.calls[1][1] == item.draft_message_id
     assert list(folder.drafts.values()) == [(seeded["message_id"], "Edited reply")]
@@ -191,13 +208,41 @@ def test_racing_approvals_make_one_review_and_one_draft(db):
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
-    # The winner recorded the review; a loser that got to the APPEND first may report
-    # the write as its change, so "at least one" and exactly one review and one draft.
-    assert len(outcomes) == 4 and any(o.changed for o in outcomes)
+    # One wins; the others learn that their text was not the one approved.
+    assert len(outcomes) == 1 and outcomes[0].changed and outcomes[0].delivered
+    assert len(errors) == 3 and all(isinstance(e, AlreadyReviewed) for e in errors)
     assert count(db, Review) == 1 and len(folder.drafts) == 1
     (rev,) = get_item(db, seeded["draft_id"]).reviews
     assert list(folder.drafts.values())[0][1] == rev.final_draft == f"reply by {rev.reviewer}"
+
+
+def test_racing_processes_on_separate_connections_write_one_draft(sqlite_db):
+    """Two reviewers approve the same text at once through separate IMAP connections (the
+    web app and the CLI): searching Drafts for the Message-ID and then appending is not
+    atomic across connections, so only the approver may deliver."""
+    seeded = seed_escalated(sqlite_db, n=6)
+    folder = DraftsFolder(atomic=False)
+    results: list = []
+
+    def approve(did, name):
+        try:
+            results.append(make_service(sqlite_db, folder).approve(did, reviewer=name))
+        except AlreadyReviewed as e:
+            results.append(e)
+
+    for s in seeded:
+        threads = [threading.Thread(target=approve, args=(s["draft_id"], n))
+                   for n in ("web", "cli")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert folder.appends == 6 == len(folder.drafts)          # one draft per email
+    assert all(get_item(sqlite_db, s["draft_id"]).delivered for s in seeded)
+    # The other approver is told the draft is on its way (or already there).
+    others = [r for r in results if isinstance(r, AlreadyReviewed)]
+    assert all("being delivered" in str(e) for e in others)
+    assert len(results) == 12
 
 
 def test_queue_filters_newest_first(db):
