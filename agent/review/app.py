@@ -47,23 +47,34 @@ LOGIN_FAILURES_PER_MINUTE = 10
 
 
 class _LoginThrottle:
-    """Refuse logins for a while after many failures (slows down password guessing)."""
+    """Refuse logins from a client for a while after its many failures (slows down password
+    guessing without letting one stranger's guesses lock every reviewer out). Behind a
+    reverse proxy every client shares the proxy's address, and the limit is global."""
+
+    MAX_CLIENTS = 10_000          # remembered at most; the oldest are forgotten first
 
     def __init__(self, limit: int, window_s: float = 60.0):
         self.limit, self.window_s = limit, window_s
-        self._fails: deque[float] = deque()
+        self._fails: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def blocked(self) -> bool:
+    def blocked(self, client: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            while self._fails and now - self._fails[0] > self.window_s:
-                self._fails.popleft()
-            return len(self._fails) >= self.limit
+            fails = self._fails.get(client)
+            if not fails:
+                return False
+            while fails and now - fails[0] > self.window_s:
+                fails.popleft()
+            if not fails:
+                del self._fails[client]
+            return len(fails) >= self.limit
 
-    def failed(self) -> None:
+    def failed(self, client: str) -> None:
         with self._lock:
-            self._fails.append(time.monotonic())
+            self._fails.setdefault(client, deque()).append(time.monotonic())
+            while len(self._fails) > self.MAX_CLIENTS:
+                del self._fails[next(iter(self._fails))]
 
 
 def _age(dt: datetime | None) -> str:
@@ -184,12 +195,13 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
             sess = sess or sessions.new()
             return set_cookie(render("login.html", 403, csrf=sess.csrf,
                                      error="The form expired; try again."), sess)
-        if throttle.blocked():
+        client = request.client.host if request.client else "?"
+        if throttle.blocked(client):
             return render("login.html", 429, csrf=sess.csrf,
                           error="Too many failed logins; wait a minute.")
         if not authenticator.check(password):
-            throttle.failed()
-            log.warning("review.login_failed", client=request.client.host if request.client else None)
+            throttle.failed(client)
+            log.warning("review.login_failed", client=client)
             return render("login.html", 401, csrf=sess.csrf, error="Wrong password.")
         new = sessions.login(sess, reviewer_name)
         log.info("review.login", reviewer=reviewer_name)

@@ -92,6 +92,12 @@ _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$", re.I)
 _AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+MAX_AGE = timedelta(days=100 * 365)
+# Draft ids are database integers: a larger number names no draft (and must not reach
+# the database, where SQLite cannot bind it).
+MAX_ID = 2 ** 63 - 1
+
+
 def parse_age(text: str) -> timedelta:
     """``"90m"``, ``"12h"``, ``"2d"``, ``"1w"`` -> timedelta.
 
@@ -101,7 +107,14 @@ def parse_age(text: str) -> timedelta:
     m = _AGE.match(text or "")
     if not m:
         raise ValueError(f"age {text!r} is not a number with a unit m, h, d or w (e.g. 2d)")
-    return timedelta(**{_AGE_UNITS[m.group(2).lower()]: float(m.group(1))})
+    try:
+        age = timedelta(**{_AGE_UNITS[m.group(2).lower()]: float(m.group(1))})
+    except OverflowError:
+        age = MAX_AGE + MAX_AGE
+    if age > MAX_AGE:
+        raise ValueError(f"age {text!r} is more than {MAX_AGE.days // 365} years; "
+                         "leave it out to see every age")
+    return age
 
 
 def normalize_body(text: str) -> str:
@@ -124,7 +137,7 @@ class ReviewService:
     # -- public calls -----------------------------------------------------------------
 
     def item(self, draft_id: int) -> ReviewItem:
-        item = get_item(self.db, draft_id)
+        item = get_item(self.db, draft_id) if 0 < draft_id <= MAX_ID else None
         if item is None:
             raise DraftNotFound(f"no draft with id {draft_id}; `understudy review list` "
                                 "shows the ids waiting for review")

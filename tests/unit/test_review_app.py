@@ -237,6 +237,12 @@ def test_repeated_failed_logins_are_throttled(env):
     r = client.post("/login", data={"password": PASSWORD, "csrf_token": csrf},
                     follow_redirects=False)
     assert r.status_code == 429
+    # Another client (a colleague at another address) is not locked out by those guesses.
+    other = TestClient(client.app, client=("10.1.2.3", 40000))
+    r = other.post("/login", data={"password": PASSWORD,
+                                   "csrf_token": csrf_of(other.get("/login").text)},
+                   follow_redirects=False)
+    assert r.status_code == 303
 
 
 def test_unknown_item_shows_an_error_not_a_crash(env):
@@ -244,6 +250,17 @@ def test_unknown_item_shows_an_error_not_a_crash(env):
     login(client)
     r = client.get("/?item=424242")
     assert r.status_code == 200 and "no draft with id 424242" in r.text
+    # Numbers no database column holds, and ages no date reaches: errors, not a 500.
+    huge = "99999999999999999999"
+    r = client.get(f"/?item={huge}")
+    assert r.status_code == 200 and f"no draft with id {huge}" in r.text
+    r = client.get("/?max_age=1000000d")
+    assert r.status_code == 200 and "more than 100 years" in r.text
+    r = client.get("/?max_age=" + "9" * 400 + "w")
+    assert r.status_code == 200 and "more than 100 years" in r.text
+    csrf = csrf_of(client.get("/").text)
+    r = client.post(f"/items/{huge}/approve", data={"csrf_token": csrf, "body": "x"})
+    assert r.status_code == 200 and f"no draft with id {huge}" in r.text
 
 
 def test_loopback_app_refuses_foreign_host_headers(sqlite_db, monkeypatch):

@@ -56,6 +56,11 @@ def test_list_and_show(runner, sqlite_db):
                             "--json"])
     out = json.loads(r.stdout)
     assert out["count"] == 1 and out["items"][0]["draft_id"] == a[0]["draft_id"]
+    r = runner.invoke(app, ["review", "show", "99999999999999999999"])
+    assert r.exit_code == 1 and "no draft with id" in r.output and r.exception is not None \
+        and isinstance(r.exception, SystemExit)
+    r = runner.invoke(app, ["review", "list", "--max-age", "1000000d"])
+    assert r.exit_code == 2 and "more than 100 years" in r.output
     r = runner.invoke(app, ["review", "list", "--category", "technical", "--json"])
     assert [i["draft_id"] for i in json.loads(r.stdout)["items"]] == [b[0]["draft_id"]]
     r = runner.invoke(app, ["review", "list", "--max-age", "soon"])
