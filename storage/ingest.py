@@ -184,11 +184,13 @@ def _clean(s: str | None) -> str | None:
 
 
 def _aware(dt: datetime | None) -> datetime | None:
+    """In UTC: SQLite keeps a timestamp's wall clock and drops its offset, so a Date header
+    of 06:12 -0800 must be stored as 14:12 UTC, not read back as 06:12 UTC."""
     if dt is None:
         return None
     if dt.tzinfo is None:
         return dt.replace(tzinfo=timezone.utc)
-    return dt
+    return dt.astimezone(timezone.utc)
 
 
 def _row(mailbox: int, uidvalidity: int, m: FetchedMessage) -> dict[str, Any]:
