@@ -203,6 +203,7 @@ def _row(mailbox: int, uidvalidity: int, m: FetchedMessage) -> dict[str, Any]:
         "internal_date": _aware(m.internal_date), "flags": [_clean(f) for f in m.flags],
         "subject": _clean(e.subject) or "", "from_addr": _clean(e.from_addr) or "",
         "to_addrs": [_clean(a) for a in e.to_addrs], "sent_at": _aware(e.date),
+        "reply_to": [_clean(a) for a in e.reply_to],
         "in_reply_to": _clean(e.in_reply_to), "references": [_clean(r) for r in e.references],
         "body_text": _clean(e.text) or "", "new_text": _clean(e.new_text) or "",
         "body_html": _clean(e.html),

@@ -95,6 +95,7 @@ class Message(Base):
     subject: Mapped[str] = mapped_column(Text, default="")
     from_addr: Mapped[str] = mapped_column(Text, default="")
     to_addrs: Mapped[list[Any]] = mapped_column(default=list)
+    reply_to: Mapped[list[Any] | None] = mapped_column(default=list)
     sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
     in_reply_to: Mapped[str | None] = mapped_column(Text)
     references: Mapped[list[Any]] = mapped_column(default=list)

@@ -171,8 +171,9 @@ def email_from_row(m: Message, account: str | None, folder: str | None) -> Email
     return Email(
         id=str(m.id), subject=m.subject or "", text=m.body_text or "",
         new_text=m.new_text or "", from_addr=m.from_addr or "",
-        to_addrs=tuple(m.to_addrs or ()), message_id=m.message_id,
-        in_reply_to=m.in_reply_to, references=tuple(m.references or ()),
+        to_addrs=tuple(m.to_addrs or ()), reply_to=tuple(m.reply_to or ()),
+        message_id=m.message_id, in_reply_to=m.in_reply_to,
+        references=tuple(m.references or ()),
         date=_aware(m.sent_at or m.internal_date), html=m.body_html, account=account,
         folder=folder, uid=m.uid, parse_error=m.parse_error, db_id=m.id,
     )

@@ -35,6 +35,7 @@ class Email:
     new_text: str = ""
     from_addr: str = ""
     to_addrs: tuple[str, ...] = ()
+    reply_to: tuple[str, ...] = ()           # Reply-To: where a reply goes (else from_addr)
     message_id: str | None = None
     in_reply_to: str | None = None
     references: tuple[str, ...] = ()
@@ -46,6 +47,12 @@ class Email:
     uid: int | None = None
     parse_error: str | None = None
     db_id: int | None = None
+
+    @property
+    def reply_addrs(self) -> tuple[str, ...]:
+        """Whom a reply is addressed to: Reply-To when the sender set one (web forms,
+        ticket systems, mailing lists), else From."""
+        return self.reply_to or ((self.from_addr,) if self.from_addr else ())
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,8 @@ def _to_email(m: Message, folder: str | None, account: str | None) -> Email:
     return Email(
         id=str(m.id), subject=m.subject or "", text=m.body_text or "",
         new_text=m.new_text or m.body_text or "", from_addr=m.from_addr or "",
-        to_addrs=tuple(m.to_addrs or ()), message_id=m.message_id, in_reply_to=m.in_reply_to,
+        to_addrs=tuple(m.to_addrs or ()), reply_to=tuple(m.reply_to or ()),
+        message_id=m.message_id, in_reply_to=m.in_reply_to,
         references=tuple(m.references or ()), date=_aware(m.sent_at), html=m.body_html,
         account=account, folder=folder, uid=m.uid, parse_error=m.parse_error, db_id=m.id)
 

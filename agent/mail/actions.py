@@ -189,8 +189,8 @@ class MailboxActions:
         """The draft's RFC 5322 bytes: threading headers, From the mailbox address."""
         msg = EmailMessage()
         msg["From"] = self.address
-        if original.from_addr:
-            msg["To"] = original.from_addr
+        if original.reply_addrs:
+            msg["To"] = ", ".join(original.reply_addrs)
         msg["Subject"] = reply_subject(original.subject)
         msg["Date"] = formatdate(localtime=False)
         msg["Message-ID"] = draft_message_id or make_msgid(domain="understudy.invalid")

@@ -119,6 +119,7 @@ def _parse(raw: bytes, id: str) -> Email:
         new_text=new_text_of(text),
         from_addr=from_addrs[0] if from_addrs else _decoded(headers.get("from")),
         to_addrs=tuple(to_addrs),
+        reply_to=tuple(_addresses(headers.get("reply-to"))),
         message_id=message_id,
         in_reply_to=in_reply_to,
         references=references,

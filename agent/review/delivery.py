@@ -45,7 +45,7 @@ def build_reply(original: Email, body: str, *, from_addr: str, message_id: str) 
     """A plain-text reply threaded under ``original`` (In-Reply-To and References)."""
     msg = EmailMessage()
     msg["From"] = from_addr
-    msg["To"] = original.from_addr
+    msg["To"] = ", ".join(original.reply_addrs)
     msg["Subject"] = reply_subject(original.subject)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = message_id
@@ -68,8 +68,9 @@ class SmtpSender:
         self.ca_file = ca_file
 
     def __call__(self, original: Email, body: str, *, draft_message_id: str) -> SentResult:
-        if not original.from_addr:
-            raise DeliveryFailed("the original email has no From address to reply to")
+        if not original.reply_addrs:
+            raise DeliveryFailed("the original email has no From or Reply-To address to "
+                                 "reply to")
         msg = build_reply(original, body, from_addr=self.from_addr,
                           message_id=draft_message_id)
         ctx = ssl.create_default_context(cafile=self.ca_file)

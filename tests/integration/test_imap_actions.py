@@ -156,6 +156,24 @@ def test_draft_threads_under_its_original_and_is_appended_once(dovecot, sqlite_d
     actions.close()
 
 
+def test_a_reply_goes_to_reply_to_when_the_sender_set_one(dovecot, sqlite_db, imap):
+    """Web forms and ticket systems send From a no-reply address with the customer in
+    Reply-To: the draft must address the customer, through ingest, SQL and back."""
+    raw = (b"From: Web form <noreply@forms.example>\r\n"
+           b"Reply-To: Dana Customer <dana@customers.example>\r\nTo: support@example.com\r\n"
+           b"Subject: Card not arrived\r\nMessage-ID: <form-1@forms.example>\r\n\r\n"
+           b"My card has not arrived.\r\n")
+    e = ingest_one(dovecot, sqlite_db, raw)
+    assert e.reply_to == ("dana@customers.example",) and e.from_addr == "noreply@forms.example"
+    actions = build_mailbox_actions(settings_for(dovecot), "test")
+    res = actions.append_draft(e, "Hello Dana", draft_message_id="<d-rt@understudy.invalid>")
+    imap.select_folder("Drafts", readonly=True)
+    got = imap.fetch([res.uid], [b"BODY.PEEK[]"])[res.uid]
+    draft = email.message_from_bytes(got[b"BODY[]"], policy=policy.default)
+    assert draft["To"] == "dana@customers.example"
+    actions.close()
+
+
 def test_configured_drafts_folder_is_created(dovecot, sqlite_db, imap):
     e = ingest_one(dovecot, sqlite_db)
     actions = build_mailbox_actions(settings_for(dovecot, drafts_folder="Outbox/Drafts"), "test")

@@ -176,3 +176,14 @@ def test_empty_plain_alternative_falls_back_to_the_html():
         "--b\r\nContent-Type: text/html\r\n\r\n<p>The real words</p>\r\n--b--\r\n"))
     e = parse_email(raw)
     assert e.text == "The real words" and e.parse_error is None
+
+
+def test_reply_to_addresses_are_kept():
+    raw = (b"From: Forms <noreply@forms.example>\r\n"
+           b"Reply-To: =?utf-8?q?J=C3=BCrgen?= <j@kunde.example>, ops@kunde.example\r\n"
+           b"Subject: x\r\n\r\nbody\r\n")
+    e = parse_email(raw)
+    assert e.reply_to == ("j@kunde.example", "ops@kunde.example")
+    assert e.reply_addrs == e.reply_to
+    plain = parse_email(b"From: Ann <ann@example.com>\r\nSubject: y\r\n\r\nbody\r\n")
+    assert plain.reply_to == () and plain.reply_addrs == ("ann@example.com",)

@@ -62,6 +62,21 @@ def test_smtp_sender_sends_a_threaded_reply(smtp_sink):
     assert m.get_content().strip() == "Your refund left today."
 
 
+def test_smtp_reply_goes_to_reply_to(smtp_sink):
+    from dataclasses import replace
+
+    port, got = smtp_sink
+    send = SmtpSender(host="127.0.0.1", port=port, from_addr="support@shop.example",
+                      user=None, password=None)
+    form = replace(ORIGINAL, from_addr="noreply@forms.example",
+                   reply_to=("dana@customers.example", "ops@customers.example"))
+    send(form, "Done.", draft_message_id="<r-2@shop.example>")
+    ((_mailfrom, rcpt, data),) = got
+    assert rcpt == ["dana@customers.example", "ops@customers.example"]
+    m = email.message_from_bytes(data, policy=policy.default)
+    assert m["To"] == "dana@customers.example, ops@customers.example"
+
+
 def test_reply_subject():
     assert reply_subject("Refund?") == "Re: Refund?"
     assert reply_subject("RE: Refund?") == "RE: Refund?"
