@@ -65,8 +65,10 @@ def build_review_app(settings: Any, db: Any, *, reviewer_name: str = "reviewer",
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    # Starlette compares the Host header without its port.
-    allowed = sorted({host.strip("[]"), "127.0.0.1", "localhost", "::1"}) if loopback else None
+    # Starlette compares the Host header without its port; an IPv6 literal keeps its
+    # brackets there ("[::1]:8765" -> "[::1]").
+    names = {host.strip("[]"), "127.0.0.1", "localhost", "::1"}
+    allowed = sorted(names | {f"[{n}]" for n in names if ":" in n}) if loopback else None
     return create_app(service=build_review_service(settings, db),
                       authenticator=build_authenticator(settings),
                       reviewer_name=reviewer_name, secure_cookies=secure_cookies,

@@ -273,6 +273,7 @@ def test_loopback_app_refuses_foreign_host_headers(sqlite_db, monkeypatch):
     local = TestClient(app, base_url="http://127.0.0.1:8765")
     assert local.get("/login").status_code == 200
     assert TestClient(app, base_url="http://localhost:8765").get("/login").status_code == 200
+    assert TestClient(app, base_url="http://[::1]:8765").get("/login").status_code == 200
     r = TestClient(app, base_url="http://rebind.evil.example:8765").get("/login")
     assert r.status_code == 400 and r.headers["content-security-policy"] == CSP
     # Bound to another address (behind a proxy), any Host is accepted.
