@@ -29,7 +29,7 @@ from agent.review.auth import SESSION_COOKIE, Authenticator, Session, SessionSto
 from agent.review.errors import ReviewError
 from agent.review.sanitize import blocked_image_hosts, sanitize_html
 from agent.review.service import ReviewService, parse_age
-from storage.reviews import list_queue, queue_counts
+from storage.reviews import count_queue, list_queue, queue_counts
 
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -231,6 +231,9 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
             age, flash = None, ("error", str(e))
         entries = list_queue(service.db, account=account or None,
                              category=category or None, max_age=age, limit=queue_limit)
+        # The list stops at queue_limit: say so, and how to reach the rest.
+        total = len(entries) if len(entries) < queue_limit else count_queue(
+            service.db, account=account or None, category=category or None, max_age=age)
         ids = [e.draft_id for e in entries]
         selected = item if item is not None else (ids[0] if ids else None)
         detail = None
@@ -250,6 +253,7 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
             prev_id=ids[pos - 1] if pos > 0 else None,
             next_id=ids[pos + 1] if 0 <= pos < len(ids) - 1 else None,
             counts=queue_counts(service.db), filters=filters, qs=urlencode(filters),
+            total=total,
             categories=service.categories, priorities=service.priorities,
             email_html=html,
             blocked_hosts=blocked_image_hosts(detail.email.html) if html else [],

@@ -245,6 +245,22 @@ def test_repeated_failed_logins_are_throttled(env):
     assert r.status_code == 303
 
 
+def test_a_capped_queue_says_how_many_it_leaves_out(sqlite_db):
+    folder = DraftsFolder()
+    svc = ReviewService(sqlite_db, categories=CATS, priorities=PRIS,
+                        appender_for=lambda account: folder.append_draft)
+    auth = Authenticator(password_hash=hash_password(PASSWORD), token=TOKEN)
+    client = TestClient(create_app(service=svc, authenticator=auth, reviewer_name="ana",
+                                   queue_limit=3))
+    seed_escalated(sqlite_db, n=5)
+    login(client)
+    page = client.get("/").text
+    assert page.count('class="qitem"') == 3 and "3 of 5 shown" in page
+    filtered = client.get("/?max_age=1000d").text          # the note counts with filters
+    assert "3 of 5 shown" in filtered
+    assert "shown, newest first" not in client.get("/?max_age=1m").text
+
+
 def test_unknown_item_shows_an_error_not_a_crash(env):
     client, _, _ = env
     login(client)
