@@ -22,7 +22,7 @@ from agent.cli.common import (
 
 review_app = typer.Typer(
     help="Review the drafts of escalated emails: approve (written to the account's Drafts "
-    "folder), edit, or reject. Every decision is stored as a gold label for the next "
+    "folder, or sent over SMTP for accounts with send_enabled), edit, or reject. Every decision is stored as a gold label for the next "
     "retrain.", no_args_is_help=True)
 
 AccountOpt = Annotated[Optional[str], typer.Option(
@@ -163,9 +163,11 @@ def review_approve(ctx: typer.Context,
                    category: CategoryOpt = None, priority: PriorityOpt = None,
                    needs_reply: NeedsReplyOpt = None, reviewer: ReviewerOpt = None,
                    as_json: JsonOpt = False) -> None:
-    """Approve the draft as it is and write it to the account's Drafts folder.
+    """Approve the draft as it is and write it to the account's Drafts folder (or send it,
+    for an account with send_enabled).
 
-    Approving twice never makes a second draft; if writing to the mailbox failed, running
+    Approving twice never makes a second draft; a draft someone else approved keeps their
+    text and labels (different ones are refused); if writing to the mailbox failed, running
     it again retries (exit 4 while the mailbox is unreachable).
     """
     svc = _service(ctx)
