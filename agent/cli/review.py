@@ -255,7 +255,9 @@ def serve(
         "should sit behind a TLS proxy.")] = None,
     port: Annotated[Optional[int], typer.Option(
         help="TCP port (default: review.port, 8765).")] = None,
-    reviewer: ReviewerOpt = None,
+    reviewer: Annotated[Optional[str], typer.Option(
+        "--reviewer", help="Name recorded for a reviewer who leaves the login form's name "
+        "empty, and for bearer-token calls (default: $USER).")] = None,
     secure_cookies: Annotated[bool, typer.Option(
         "--secure-cookies", help="Mark the session cookie Secure (when served over HTTPS "
         "through a proxy). Default: off.")] = False,

@@ -127,6 +127,9 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
     # -- helpers ------------------------------------------------------------------------
 
     def render(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        ctx.setdefault("default_reviewer", reviewer_name)
+        ctx.setdefault("reviewer", "")
+        ctx.setdefault("user", None)
         return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
 
     def session_of(request: Request) -> Session | None:
@@ -188,7 +191,7 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
         return set_cookie(render("login.html", csrf=sess.csrf, error=None), sess)
 
     @app.post("/login")
-    def login(request: Request, password: str = Form(""),
+    def login(request: Request, password: str = Form(""), reviewer: str = Form(""),
               csrf_token: str = Form("")) -> Response:
         sess = session_of(request)
         if sess is None or not csrf_ok(sess, csrf_token) or not same_origin(request):
@@ -197,14 +200,18 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
                                      error="The form expired; try again."), sess)
         client = request.client.host if request.client else "?"
         if throttle.blocked(client):
-            return render("login.html", 429, csrf=sess.csrf,
+            return render("login.html", 429, csrf=sess.csrf, reviewer=reviewer,
                           error="Too many failed logins; wait a minute.")
         if not authenticator.check(password):
             throttle.failed(client)
             log.warning("review.login_failed", client=client)
-            return render("login.html", 401, csrf=sess.csrf, error="Wrong password.")
-        new = sessions.login(sess, reviewer_name)
-        log.info("review.login", reviewer=reviewer_name)
+            return render("login.html", 401, csrf=sess.csrf, reviewer=reviewer,
+                          error="Wrong password.")
+        # One shared password; each reviewer says who they are, and that name is what
+        # their reviews record (default: serve --reviewer).
+        name = " ".join(reviewer.split())[:100] or reviewer_name
+        new = sessions.login(sess, name)
+        log.info("review.login", reviewer=name)
         return set_cookie(RedirectResponse("/", 303), new)
 
     @app.post("/logout")
@@ -257,7 +264,7 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
             categories=service.categories, priorities=service.priorities,
             email_html=html,
             blocked_hosts=blocked_image_hosts(detail.email.html) if html else [],
-            csrf=sess.csrf if sess else "", flash=flash)
+            csrf=sess.csrf if sess else "", flash=flash, user=sess.user if sess else None)
 
     def _next_after(request: Request, draft_id: int) -> int | None:
         # After an action, select the item below the one just reviewed (the queue is

@@ -204,6 +204,21 @@ def test_filters_in_the_queue(env):
     assert "not a number with a unit" in client.get("/?max_age=soon").text
 
 
+def test_each_reviewer_names_themselves_at_login(env):
+    client, _, db = env
+    (s,) = seed_escalated(db, n=1)
+    page = client.get("/login")
+    assert 'placeholder="ana"' in page.text             # serve --reviewer is the default
+    r = client.post("/login", data={"password": PASSWORD, "reviewer": "  Bea   Lopez ",
+                                    "csrf_token": csrf_of(page.text)})
+    assert 'id="who">Bea Lopez<' in r.text
+    client.post(f"/items/{s['draft_id']}/approve",
+                data={"csrf_token": csrf_of(r.text), "body": s["draft"],
+                      "category": "billing", "priority": "normal", "needs_reply": "1"})
+    with db.session() as ses:
+        assert list(ses.scalars(select(Review.reviewer))) == ["Bea Lopez"]
+
+
 def test_logout_ends_the_session(env):
     client, _, _ = env
     token = login(client)
