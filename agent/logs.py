@@ -122,6 +122,13 @@ def configure_logging(json: bool = False, level: str = "info", stream=None) -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
+    # A server started with uvicorn's own log config (its default) gives its loggers
+    # handlers of their own that bypass redaction and stop propagation: every record
+    # goes through the one redacting handler here instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lib = logging.getLogger(name)
+        lib.handlers[:] = []
+        lib.propagate = True
     # Chatty libraries stay at warning unless debugging.
     for name in ("httpx", "httpcore", "urllib3", "filelock", "alembic"):
         logging.getLogger(name).setLevel(lvl if lvl <= logging.DEBUG else logging.WARNING)

@@ -86,6 +86,13 @@ def test_the_default_handler_follows_a_swapped_stderr_and_survives_it_closing(mo
 def test_a_traceback_on_the_console_shows_no_local_variables_and_no_secret():
     """uvicorn logs a 500 with exc_info: the console renderer must not print the frames'
     locals (request headers, session ids) nor an unredacted copy of the traceback."""
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    # A uvicorn started with its default log config (as any earlier server in the process
+    # may have been) gives its loggers their own handlers, unredacted and not propagating.
+    logging.config.dictConfig(LOGGING_CONFIG)
     buf = io.StringIO()
     configure_logging(json=False, stream=buf)
 
