@@ -141,6 +141,21 @@ class StudentSettings(_Section):
         "stable for the SQL log, whose later labels are the mail the student escalated: "
         "calibrating and gating on them certifies nothing and rejects every candidate.")
     seed: int = 0
+    assistant_encoder: str = Field(
+        "", description="A larger encoder (a local directory such as the one "
+        "scripts/fetch-mpnet makes, or a hub id) trained on the same labels before the "
+        "student, whose soft labels on mail nobody labelled the student then learns too "
+        "(README, The assistant teacher). Empty: off. Costs CPU: all-mpnet-base-v2 trains "
+        "at about 30 emails/s on 2 cores.")
+    assistant_max_labels: int = Field(
+        3000, ge=0, description="Run the assistant only while the student's training split "
+        "holds at most this many labels (where it helps most and costs least).")
+    assistant_mix: float = Field(
+        0.7, ge=0.0, le=1.0, description="Share of the assistant's soft label in what the "
+        "student learns for unlabeled mail; the rest comes from a student trained on the "
+        "labels alone first (one more short training). 1: the assistant alone.")
+    assistant_max_unlabeled: int = Field(
+        20000, ge=0, description="Unlabeled emails the assistant labels at most, newest first.")
     drafter_retrain: bool = Field(True, description="Retrain the drafter's LoRA with each retrain.")
     drafter_min_pairs: int = Field(100, ge=1, description="Reply pairs needed to train it.")
     drafter_max_steps: int = Field(60, ge=1, description="LoRA steps per retrain.")

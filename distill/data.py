@@ -80,6 +80,32 @@ def read_training_file(path: Path) -> list[TrainingExample]:
     return out
 
 
+def read_unlabeled_file(path: Path) -> list[dict]:
+    """Unlabeled emails (JSONL: ``id``, ``body``, optional ``subject``; any other field,
+    a label included, is ignored) as ``{"id", "subject", "body"}`` dicts, in file order.
+    ``retrain --unlabeled`` reads these for the assistant teacher to label."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"unlabeled file {path} does not exist")
+    out, seen = [], set()
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{i} is not JSON ({e}); one object per line") from e
+            if not isinstance(r, dict) or not r.get("id") or r.get("body") is None:
+                raise DatasetError(f"{path}:{i} lacks an id or a body (an unlabeled email "
+                                   'is {"id": ..., "subject": ..., "body": ...})')
+            if str(r["id"]) not in seen:
+                seen.add(str(r["id"]))
+                out.append({"id": str(r["id"]), "subject": str(r.get("subject") or ""),
+                            "body": str(r["body"])})
+    return out
+
+
 def _record_to_dict(rec) -> dict:
     if hasattr(rec, "to_dict"):
         return rec.to_dict()

@@ -80,6 +80,8 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         coverage_margin=settings.scheduler.coverage_margin,
         gate_rule=settings.scheduler.gate_rule, gate_alpha=settings.scheduler.gate_alpha,
         audit_fraction=settings.router.audit_fraction,
+        assistant_encoder=st.assistant_encoder, assistant_max_labels=st.assistant_max_labels,
+        assistant_max_unlabeled=st.assistant_max_unlabeled, assistant_mix=st.assistant_mix,
         keep_versions=(settings.scheduler.keep_versions
                        if settings.scheduler.prune_after_retrain else None))
 
@@ -107,9 +109,23 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             min_examples: int = 20, timeout_s: float | None = None,
             audit_fraction: float = 0.0, train_overrides: dict | None = None,
             keep_versions: int | None = None,
+            assistant_encoder: str = "", assistant_max_labels: int = 3000,
+            assistant_max_unlabeled: int = 20000, unlabeled: Path | None = None,
+            assistant_mix: float = 0.7, assistant_overrides: dict | None = None,
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
-    """Train a candidate, compare it with the active model on held-out mail, maybe promote."""
+    """Train a candidate, compare it with the active model on held-out mail, maybe promote.
+
+    With ``assistant_encoder`` set (and at most ``assistant_max_labels`` training labels),
+    an assistant teacher trains first and labels unlabeled mail for the student: the
+    ``unlabeled`` file's emails, or with none the SQL log's unlabeled mail
+    (:mod:`distill.assistant`)."""
     t0 = time.monotonic()
+    if unlabeled is not None:
+        from distill.data import read_unlabeled_file
+
+        unlabeled_rows = read_unlabeled_file(Path(unlabeled))   # a bad file fails up front
+    else:
+        unlabeled_rows = None
     examples, source = load_examples(db, data, audit_fraction)
     if len(examples) < min_examples:
         raise DatasetError(f"{len(examples)} labelled examples (from {source}); at least "
@@ -146,8 +162,26 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     lg = log.bind(run_id=run_id, version=version, trigger=trigger)
     run_dir = Path(state_dir) / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_examples(run_dir / "train.jsonl", train_ex)
     write_examples(run_dir / "val.jsonl", val_ex)
+    if assistant_encoder:
+        from distill.assistant import assist
+        from storage.datasets import unlabeled_emails
+
+        if unlabeled_rows is None:  # a records file stands alone; the SQL log has its mail
+            unlabeled_rows = ([] if data is not None or len(train_ex) > assistant_max_labels
+                              else unlabeled_emails(db, limit=assistant_max_unlabeled
+                                                    + len(train_ex)))
+        extra, note = assist(
+            run_dir, run_cfg, labels, train_ex, unlabeled_rows, encoder=assistant_encoder,
+            max_labels=assistant_max_labels, max_unlabeled=assistant_max_unlabeled,
+            mix_weight=assistant_mix, overrides=assistant_overrides, log=lg,
+            run_training=lambda cfg, logf, relay: _run_training(db, run_id, cfg, logf,
+                                                                timeout_s, relay))
+        train_ex = [*train_ex, *extra]
+        with db.session() as s:
+            row = s.get(TrainingRun, run_id)
+            row.config = {**row.config, "assistant": note, "n_train": len(train_ex)}
+    write_examples(run_dir / "train.jsonl", train_ex)
     run_json = run_dir / "run.json"
     run_json.write_text(json.dumps({**run_cfg, "labels": labels.to_dict(),
                                     "train_path": str(run_dir / "train.jsonl"),

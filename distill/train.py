@@ -238,7 +238,28 @@ def train(run: dict) -> dict:
             "config": {k: v for k, v in cfg.items() if k != "labels"}}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     log(cfg, f"saved {out_dir} in {metrics['train_seconds']:.1f}s")
+    if cfg.get("predict_path"):  # an assistant teacher labels unlabeled mail (distill.assistant)
+        _predict(out_dir, cfg)
     return metrics
+
+
+def _predict(out_dir: Path, cfg: dict) -> None:
+    """The saved model's category probabilities (calibrated, the memory mixed in: what it
+    would serve) for each text of ``predict_path`` (JSONL with id, subject, body), one JSON
+    line per text in ``predict_out``: ``{"id": ..., "category_probs": {category: p}}``."""
+    from distill.classifier import Classifier
+    from distill.data import read_unlabeled_file
+    from storage.datasets import email_text
+
+    texts = read_unlabeled_file(Path(cfg["predict_path"]))
+    clf = Classifier.load(out_dir, device=cfg["device"], batch_size=128)
+    probs = clf.probabilities([email_text(e["subject"], e["body"]) for e in texts])["category"]
+    cats = clf.labels.classes("category")
+    with Path(cfg["predict_out"]).open("w", encoding="utf-8") as f:
+        for e, p in zip(texts, probs.tolist()):
+            f.write(json.dumps({"id": e["id"], "category_probs": {
+                c: round(q, 6) for c, q in zip(cats, p) if q >= 1e-5}}) + "\n")
+    log(cfg, f"labelled {len(texts)} unlabeled emails")
 
 
 def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device,

@@ -139,6 +139,28 @@ def training_examples(db, *, since: datetime | None = None, limit: int | None = 
     return dedupe_by_text(sorted(by_message.values(), key=_time_key), limit=limit)
 
 
+def unlabeled_emails(db, *, limit: int) -> list[dict]:
+    """Parsed emails that no teacher answer and no review labelled (those the student
+    handled alone, mostly), newest first, as ``{"id", "subject", "body"}`` dicts whose ids
+    are the message ids :func:`training_examples` uses. The assistant teacher labels them.
+    """
+    from sqlalchemy import exists, select
+
+    from storage.models import Message, ModelCall, Review
+
+    labelled = exists().where(ModelCall.message_id == Message.id, ModelCall.role == "teacher",
+                              ModelCall.error.is_(None),
+                              ModelCall.purpose.in_(("label", "audit")))
+    reviewed = exists().where(Review.message_id == Message.id, Review.is_gold.is_(True))
+    q = (select(Message.id, Message.subject, Message.new_text, Message.body_text)
+         .where(Message.parse_error.is_(None), ~labelled, ~reviewed)
+         .order_by(Message.created_at.desc(), Message.id.desc()).limit(max(0, limit)))
+    with db.session() as s:
+        rows = s.execute(q).all()
+    return [{"id": str(i), "subject": subj or "", "body": new or body or ""}
+            for i, subj, new, body in rows if (new or body or subj)]
+
+
 def _selective_students(s) -> dict[int, bool]:
     """message id -> whether the student that classified it could handle mail alone (a
     certified category threshold), i.e. whether its confidence chose what the teacher saw."""

@@ -17,11 +17,21 @@ def retrain(
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="Teacher-records JSONL to train from (default: the SQL log: teacher "
         "answers plus human review corrections).")] = None,
+    unlabeled: Annotated[Optional[Path], typer.Option(
+        "--unlabeled", help="JSONL of unlabeled emails (id, subject, body) for the assistant "
+        "teacher to label (needs student.assistant_encoder; default: with --data none, "
+        "else the SQL log's unlabeled mail).")] = None,
     timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", help="Kill training after this many seconds (default: no limit).")] = None,
+        "--timeout", help="Kill a training after this many seconds; with the assistant "
+        "teacher each of its trainings has this limit too (default: no limit).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a new student from the SQL log (or --data F.jsonl), gate it and promote it.
+
+    With student.assistant_encoder set (e.g. the directory scripts/fetch-mpnet prints) and
+    at most student.assistant_max_labels training labels, a larger encoder trains on the
+    same labels first and labels the unlabeled mail, whose soft labels the student learns
+    too (README, The assistant teacher).
 
     10% of the examples are held out (from --data: the newest; from the SQL log: by a
     stable hash of the message id, among the labels made while no student handled mail
@@ -38,12 +48,15 @@ def retrain(
     from distill.pipeline import retrain_kwargs
 
     app = app_context(ctx)
+    if unlabeled is not None and not app.settings.student.assistant_encoder:
+        fail("--unlabeled needs an assistant teacher to label it: set student.assistant_encoder "
+             "(e.g. UNDERSTUDY_STUDENT__ASSISTANT_ENCODER=$(scripts/fetch-mpnet))")
     db = app.database()
     try:
         # The drafter learns from the same source: the records' drafts, or the SQL log.
         step = build_drafter_step(app.settings, db, records=data)
         r = run_retrain(db, **retrain_kwargs(app.settings), data=data, trigger="manual",
-                        timeout_s=timeout, after_classifier=step)
+                        timeout_s=timeout, unlabeled=unlabeled, after_classifier=step)
     except StudentError as e:
         fail(str(e))
     m = r.metrics or {}

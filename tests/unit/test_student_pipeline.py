@@ -297,3 +297,112 @@ def test_cli_retrain_and_eval(tmp_path, state_dir, monkeypatch, tiny_encoder_dir
     assert res.exit_code == 0 and "accuracy" in res.stdout and "p99" in res.stdout
     res = runner.invoke(app, ["eval", "--data", str(data), "--latency-sample", "0"])
     assert res.exit_code == 0 and "latency not measured" in res.stdout, res.output
+
+
+def test_the_assistant_teacher_labels_unlabeled_mail_for_the_student(db, state_dir, tmp_path,
+                                                                     tiny_encoder_dir):  # noqa: F811
+    """retrain --unlabeled: an assistant trains on the same labels, labels the unlabeled
+    emails (not those whose text is labelled already), and the student trains on both."""
+    from distill.data import read_training_file
+
+    recs = synthetic_records(420, 7)
+    labelled, rest = recs[:200], recs[200:]
+    data = write_jsonl(tmp_path / "t.jsonl", labelled)
+    unl = write_jsonl(tmp_path / "u.jsonl", [
+        {"id": f"u{r['id']}", "subject": r["subject"], "body": r["body"]} for r in rest]
+        + [{"id": "copy", "subject": labelled[0]["subject"], "body": labelled[0]["body"]}])
+    fast = {k: v for k, v in FAST.items() if k != "progress"}
+    kw = _kw(state_dir, tiny_encoder_dir, assistant_encoder=str(tiny_encoder_dir),
+             assistant_overrides=fast)
+    r = retrain(db, **kw, data=data, unlabeled=unl)
+    assert r.status == "succeeded", r
+    run_dir = state_dir / "runs" / str(r.run_id)
+    assisted = [e for e in read_training_file(run_dir / "train.jsonl")
+                if e.source == "assistant"]
+    truth = {f"u{x['id']}": x["category"] for x in rest}
+    assert sorted(e.id for e in assisted) == sorted(truth)          # not the labelled copy
+    agree = sum(e.category == truth[e.id] for e in assisted) / len(assisted)
+    assert agree > 0.8, agree                 # the majority class is about 43% of them
+    assert all(abs(sum(e.category_probs.values()) - 1) < 1e-3 and not e.gold
+               for e in assisted)
+    assert not (run_dir / "assistant").exists()                    # not a model version
+    assert b"[train] labelled 220 unlabeled emails" in (run_dir / "assistant.log").read_bytes()
+    with db.session() as s:
+        note = s.get(TrainingRun, r.run_id).config["assistant"]
+    assert note["used"] and note["n_labelled"] == 220 and note["mix"] == 0.7, note
+    assert min(note["val_accuracy"].values()) > 0.6, note   # the assistant, the own student
+    assert (run_dir / "assistant-student-labels.jsonl").exists()
+    assert not (run_dir / "assistant-student").exists()
+
+    # A records file with no --unlabeled: nothing to label; too many labels: not run.
+    r2 = retrain(db, **kw, data=data)
+    r3 = retrain(db, **{**kw, "assistant_max_labels": 10}, data=data, unlabeled=unl)
+    with db.session() as s:
+        notes = [s.get(TrainingRun, x.run_id).config["assistant"] for x in (r2, r3)]
+    assert notes[0] == {"used": False, "reason": "no unlabeled mail"}
+    assert not notes[1]["used"] and "assistant_max_labels 10" in notes[1]["reason"]
+    assert r2.status == r3.status == "succeeded"
+    r4 = retrain(db, **{**kw, "assistant_encoder": str(tmp_path / "no-such-encoder")},
+                 data=data, unlabeled=unl)
+    with db.session() as s:
+        note = s.get(TrainingRun, r4.run_id).config["assistant"]
+    assert r4.status == "succeeded" and not note["used"] and "fetch-mpnet" in note["reason"]
+
+
+def test_unlabeled_emails_are_those_no_teacher_or_reviewer_labelled(db):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with db.session() as s:
+        msgs = [Message(content_hash=f"h{i}", subject=f"s{i}", body_text=f"body {i}",
+                        new_text=f"new {i}", created_at=t0 + timedelta(minutes=i))
+                for i in range(5)]
+        msgs.append(Message(content_hash="bad", subject="x", parse_error="boom",
+                            created_at=t0 + timedelta(minutes=9)))
+        s.add_all(msgs)
+        s.flush()
+        s.add(ModelCall(message_id=msgs[0].id, role="teacher", purpose="label", model_id="t",
+                        output={"category": "billing"}))
+        s.add(ModelCall(message_id=msgs[1].id, role="teacher", purpose="label", model_id="t",
+                        output={}, error="timeout"))                # failed: still unlabeled
+        s.add(ModelCall(message_id=msgs[2].id, role="student", purpose="classify",
+                        model_id="s", output={"category": "billing"}))  # the student's only
+        s.add(Review(message_id=msgs[3].id, action="edit", category="account", is_gold=True))
+        ids = [str(m.id) for m in msgs]
+    from storage.datasets import unlabeled_emails
+
+    got = unlabeled_emails(db, limit=10)
+    assert [g["id"] for g in got] == [ids[4], ids[2], ids[1]]       # newest first
+    assert got[0] == {"id": ids[4], "subject": "s4", "body": "new 4"}
+    assert [g["id"] for g in unlabeled_emails(db, limit=1)] == [ids[4]]
+
+
+def test_cli_retrain_unlabeled_needs_an_assistant(tmp_path, state_dir, monkeypatch):
+    from agent.cli import app
+
+    monkeypatch.setenv("UNDERSTUDY_STATE_DIR", str(state_dir))
+    write_jsonl(tmp_path / "u.jsonl", [{"id": "1", "body": "hello"}])
+    res = CliRunner().invoke(app, ["retrain", "--data", str(tmp_path / "u.jsonl"),
+                                   "--unlabeled", str(tmp_path / "u.jsonl")])
+    assert res.exit_code == 1 and "student.assistant_encoder" in res.output, res.output
+
+
+def test_the_assistant_labels_the_sql_logs_unlabeled_mail(db, state_dir, tiny_encoder_dir):  # noqa: F811
+    """From the SQL log, the assistant labels the stored mail no teacher labelled."""
+    recs = synthetic_records(160, 9)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with db.session() as s:
+        msgs = [Message(content_hash=f"h{i}", subject=r["subject"], body_text=r["body"],
+                        new_text=r["body"], created_at=t0 + timedelta(minutes=i))
+                for i, r in enumerate(recs)]
+        s.add_all(msgs)
+        s.flush()
+        for m, r in zip(msgs[:120], recs[:120]):
+            s.add(ModelCall(message_id=m.id, role="teacher", purpose="label", model_id="t",
+                            output={"category": r["category"]}, created_at=m.created_at))
+    fast = {k: v for k, v in FAST.items() if k != "progress"}
+    r = retrain(db, **_kw(state_dir, tiny_encoder_dir, assistant_encoder=str(tiny_encoder_dir),
+                          assistant_overrides=fast, assistant_mix=1.0))
+    assert r.status == "succeeded", r
+    with db.session() as s:
+        note = s.get(TrainingRun, r.run_id).config["assistant"]
+    assert note["used"] and note["n_labelled"] == 40 and note["mix"] == 1.0, note
+    assert list(note["val_accuracy"]) == ["assistant"]          # mix 1: no second training
