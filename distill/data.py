@@ -69,15 +69,18 @@ def read_training_file(path: Path) -> list[TrainingExample]:
     """The training subprocess's own input (written by :func:`write_examples`): the
     interchange fields plus ``gold``/``source``, read without the interchange validator
     (a soft label from the SQL log need not name the hard label, nor sum to exactly 1)."""
-    out: list[TrainingExample] = []
-    with Path(path).open(encoding="utf-8") as f:
+    return [_example_from_record(r, i) for i, r in _json_lines(Path(path))]
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for each non-blank line of a JSONL file."""
+    with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    out.append(_example_from_record(json.loads(line), i))
+                    yield i, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DatasetError(f"{path}:{i} is not JSON ({e}); one object per line") from e
-    return out
 
 
 def read_unlabeled_file(path: Path) -> list[dict]:
@@ -88,21 +91,14 @@ def read_unlabeled_file(path: Path) -> list[dict]:
     if not path.exists():
         raise DatasetError(f"unlabeled file {path} does not exist")
     out, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{i} is not JSON ({e}); one object per line") from e
-            if not isinstance(r, dict) or not r.get("id") or r.get("body") is None:
-                raise DatasetError(f"{path}:{i} lacks an id or a body (an unlabeled email "
-                                   'is {"id": ..., "subject": ..., "body": ...})')
-            if str(r["id"]) not in seen:
-                seen.add(str(r["id"]))
-                out.append({"id": str(r["id"]), "subject": str(r.get("subject") or ""),
-                            "body": str(r["body"])})
+    for i, r in _json_lines(path):
+        if not isinstance(r, dict) or not r.get("id") or r.get("body") is None:
+            raise DatasetError(f"{path}:{i} lacks an id or a body (an unlabeled email "
+                               'is {"id": ..., "subject": ..., "body": ...})')
+        if str(r["id"]) not in seen:
+            seen.add(str(r["id"]))
+            out.append({"id": str(r["id"]), "subject": str(r.get("subject") or ""),
+                        "body": str(r["body"])})
     return out
 
 
