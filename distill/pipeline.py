@@ -82,8 +82,15 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         audit_fraction=settings.router.audit_fraction,
         assistant_encoder=st.assistant_encoder, assistant_max_labels=st.assistant_max_labels,
         assistant_max_unlabeled=st.assistant_max_unlabeled, assistant_mix=st.assistant_mix,
+        assistant_timeout_s=st.assistant_timeout_s,
         keep_versions=(settings.scheduler.keep_versions
                        if settings.scheduler.prune_after_retrain else None))
+
+
+def _min_timeout(*limits: float | None) -> float | None:
+    """The tightest of the given time limits (None: no limit)."""
+    set_ = [t for t in limits if t is not None]
+    return min(set_) if set_ else None
 
 
 def load_examples(db, data: Path | None,
@@ -112,13 +119,15 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             assistant_encoder: str = "", assistant_max_labels: int = 3000,
             assistant_max_unlabeled: int = 20000, unlabeled: Path | None = None,
             assistant_mix: float = 0.7, assistant_overrides: dict | None = None,
+            assistant_timeout_s: float | None = 3600.0,
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
     """Train a candidate, compare it with the active model on held-out mail, maybe promote.
 
     With ``assistant_encoder`` set (and at most ``assistant_max_labels`` training labels),
     an assistant teacher trains first and labels unlabeled mail for the student: the
     ``unlabeled`` file's emails, or with none the SQL log's unlabeled mail
-    (:mod:`distill.assistant`)."""
+    (:mod:`distill.assistant`). Each of its trainings stops at ``assistant_timeout_s``
+    (or ``timeout_s``, if tighter); a killed one leaves the student to train without it."""
     t0 = time.monotonic()
     if unlabeled is not None:
         from distill.data import read_unlabeled_file
@@ -175,8 +184,8 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             run_dir, run_cfg, labels, train_ex, unlabeled_rows, encoder=assistant_encoder,
             max_labels=assistant_max_labels, max_unlabeled=assistant_max_unlabeled,
             mix_weight=assistant_mix, overrides=assistant_overrides, log=lg,
-            run_training=lambda cfg, logf, relay: _run_training(db, run_id, cfg, logf,
-                                                                timeout_s, relay))
+            run_training=lambda cfg, logf, relay: _run_training(
+                db, run_id, cfg, logf, _min_timeout(timeout_s, assistant_timeout_s), relay))
         train_ex = [*train_ex, *extra]
         with db.session() as s:
             row = s.get(TrainingRun, run_id)

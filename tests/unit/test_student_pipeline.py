@@ -347,6 +347,14 @@ def test_the_assistant_teacher_labels_unlabeled_mail_for_the_student(db, state_d
     with db.session() as s:
         note = s.get(TrainingRun, r4.run_id).config["assistant"]
     assert r4.status == "succeeded" and not note["used"] and "fetch-mpnet" in note["reason"]
+    # An assistant past its time limit is killed; the student still trains, without it.
+    r5 = retrain(db, **{**kw, "assistant_timeout_s": 1.0}, data=data, unlabeled=unl)
+    with db.session() as s:
+        note = s.get(TrainingRun, r5.run_id).config["assistant"]
+    assert r5.status == "succeeded" and not note["used"], note
+    assert note["reason"].startswith("assistant killed") and "time limit" in note["reason"]
+    train5 = read_training_file(state_dir / "runs" / str(r5.run_id) / "train.jsonl")
+    assert train5 and not any(e.source == "assistant" for e in train5)
 
 
 def test_unlabeled_emails_are_those_no_teacher_or_reviewer_labelled(db):
