@@ -114,6 +114,9 @@ class StudentSettings(_Section):
     distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft (KL) term.")
     distill_temperature: float = Field(2.0, gt=0.0)
     gold_weight: float = Field(3.0, ge=1.0, description="Loss weight of human review labels.")
+    assistant_weight: float = Field(
+        1.0, gt=0.0, description="Loss weight of the assistant's labels (mail nobody labelled) "
+        "against the teacher's, which weigh 1.")
     epochs: int = Field(10, ge=1, description="Epochs at most, unless min_steps needs more.")
     min_steps: int = Field(
         600, ge=0, description="Optimizer steps at least (small data gets more epochs, up to "

@@ -196,14 +196,15 @@ class Encoded:
     hard: dict[str, torch.Tensor]                 # head -> (N,) class index or IGNORE
     soft: torch.Tensor | None = None              # (N, C) category soft label
     has_soft: torch.Tensor | None = None          # (N,) bool
-    weight: torch.Tensor = field(default=None)    # (N,) loss weight (gold counts more)
+    weight: torch.Tensor = field(default=None)    # (N,) loss weight (gold more, assistant less)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def encode(examples: Sequence[TrainingExample], tokenizer, labels: LabelSpace,
-           max_tokens: int, gold_weight: float = 1.0) -> Encoded:
+           max_tokens: int, gold_weight: float = 1.0,
+           assistant_weight: float = 1.0) -> Encoded:
     ids = tokenizer([e.text for e in examples], truncation=True, max_length=max_tokens,
                     add_special_tokens=True)["input_ids"]
     cat_index = {c: i for i, c in enumerate(labels.category)}
@@ -226,7 +227,9 @@ def encode(examples: Sequence[TrainingExample], tokenizer, labels: LabelSpace,
             if total > 0:
                 soft[i] /= total
                 has_soft[i] = True
-    weight = torch.tensor([gold_weight if e.gold else 1.0 for e in examples])
+    weight = torch.tensor([gold_weight if e.gold else
+                           assistant_weight if e.source == "assistant" else 1.0
+                           for e in examples])
     return Encoded(ids, hard, soft, has_soft, weight)
 
 

