@@ -94,10 +94,6 @@ class StudentModel(nn.Module):
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({h: nn.Linear(hidden, n) for h, n in head_sizes.items()})
-        import os
-        self.pool_mode = os.environ.get("POOL", "mean")
-        self.pool_score = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.pool_score.weight); nn.init.zeros_(self.pool_score.bias)
         self.frozen = 0  # embeddings + this many bottom blocks do not train (freeze_bottom)
 
     @classmethod
@@ -119,19 +115,7 @@ class StudentModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return self._pool(out.last_hidden_state, attention_mask)
-
-    def _pool(self, hidden, attention_mask):
-        if self.pool_mode == "attn":
-            sc = self.pool_score(hidden).squeeze(-1).float()
-            sc = sc.masked_fill(attention_mask == 0, -1e4)
-            w = torch.softmax(sc, -1).to(hidden.dtype).unsqueeze(-1)
-            return (hidden * w).sum(1)
-        if self.pool_mode == "meanmax":
-            m = attention_mask.unsqueeze(-1).bool()
-            mx = hidden.masked_fill(~m, -1e4).max(1).values
-            return 0.5 * (_mean_pool(hidden, attention_mask) + mx)
-        return _mean_pool(hidden, attention_mask)
+        return _mean_pool(out.last_hidden_state, attention_mask)
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,7 +185,7 @@ class StudentModel(nn.Module):
         encoder (``distill.train`` does, and falls back to the full forward if not).
         """
         hidden = self._run_blocks(hidden, attention_mask, self.blocks()[k:])
-        return self._heads(self._pool(hidden, attention_mask))
+        return self._heads(_mean_pool(hidden, attention_mask))
 
 
 def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def train(run: dict) -> dict:
         else:
             log(cfg, "the memory needs a frozen bottom (freeze_layers > 0) whose split "
                      "forward matches the full one: trained without one")
-    head_params = list(model.heads.parameters()) + list(model.pool_score.parameters())
+    head_params = list(model.heads.parameters())
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     # Fresh heads learn faster than the pretrained encoder may move.
     opt = torch.optim.AdamW(
