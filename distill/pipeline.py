@@ -83,6 +83,7 @@ def retrain_kwargs(settings) -> dict[str, Any]:
         audit_fraction=settings.router.audit_fraction,
         assistant_encoder=st.assistant_encoder, assistant_max_labels=st.assistant_max_labels,
         assistant_max_unlabeled=st.assistant_max_unlabeled, assistant_mix=st.assistant_mix,
+        assistant_memory_weight=st.assistant_memory_weight,
         assistant_timeout_s=st.assistant_timeout_s,
         keep_versions=(settings.scheduler.keep_versions
                        if settings.scheduler.prune_after_retrain else None))
@@ -120,7 +121,8 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             keep_versions: int | None = None,
             assistant_encoder: str = "", assistant_max_labels: int = 3000,
             assistant_max_unlabeled: int = 20000, unlabeled: Path | None = None,
-            assistant_mix: float = 0.7, assistant_overrides: dict | None = None,
+            assistant_mix: float = 0.7, assistant_memory_weight: float = 0.5,
+            assistant_overrides: dict | None = None,
             assistant_timeout_s: float | None = 3600.0,
             after_classifier: Callable[[RetrainResult], dict] | None = None) -> RetrainResult:
     """Train a candidate, compare it with the active model on held-out mail, maybe promote.
@@ -129,7 +131,10 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
     an assistant teacher trains first and labels unlabeled mail for the student: the
     ``unlabeled`` file's emails, or with none the SQL log's unlabeled mail
     (:mod:`distill.assistant`). Each of its trainings stops at ``assistant_timeout_s``
-    (or ``timeout_s``, if tighter); a killed one leaves the student to train without it."""
+    (or ``timeout_s``, if tighter); a killed one leaves the student to train without it.
+    A student that learns the assistant's labels mixes its memory at
+    ``assistant_memory_weight`` instead of ``memory_weight`` (unless ``train_overrides``
+    sets one)."""
     t0 = time.monotonic()
     if unlabeled is not None:
         from distill.data import read_unlabeled_file
@@ -190,9 +195,15 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             run_training=lambda cfg, logf, relay: _run_training(
                 db, run_id, cfg, logf, _min_timeout(timeout_s, assistant_timeout_s), relay))
         train_ex = [*train_ex, *extra]
+        if extra and "memory_weight" not in (train_overrides or {}):
+            # Its pseudo-labelled mail fills the memory with a stronger model's soft labels,
+            # whose vote is worth more than that of a few labels (README, The assistant
+            # teacher); the label-only student inside assist() kept memory_weight.
+            run_cfg["memory_weight"] = assistant_memory_weight
         with db.session() as s:
             row = s.get(TrainingRun, run_id)
-            row.config = {**row.config, "assistant": note, "n_train": len(train_ex)}
+            row.config = {**row.config, "assistant": note, "n_train": len(train_ex),
+                          "memory_weight": run_cfg["memory_weight"]}
     write_examples(run_dir / "train.jsonl", train_ex)
     run_json = run_dir / "run.json"
     run_json.write_text(json.dumps({**run_cfg, "labels": labels.to_dict(),

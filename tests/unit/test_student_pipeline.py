@@ -333,9 +333,15 @@ def test_the_assistant_teacher_labels_unlabeled_mail_for_the_student(db, state_d
     assert min(note["val_accuracy"].values()) > 0.6, note   # the assistant, the own student
     assert (run_dir / "assistant-student-labels.jsonl").exists()
     assert not (run_dir / "assistant-student").exists()
+    # Its pseudo-labels fill the student's memory: the student's vote weight is the
+    # assistant's (the label-only student inside kept memory_weight, 0.3).
+    assert json.loads((run_dir / "run.json").read_text())["memory_weight"] == 0.5
+    assert json.loads((run_dir / "assistant-student.json").read_text())["memory_weight"] == 0.3
 
     # A records file with no --unlabeled: nothing to label; too many labels: not run.
     r2 = retrain(db, **kw, data=data)
+    run2 = state_dir / "runs" / str(r2.run_id) / "run.json"
+    assert json.loads(run2.read_text())["memory_weight"] == 0.3
     r3 = retrain(db, **{**kw, "assistant_max_labels": 10}, data=data, unlabeled=unl)
     with db.session() as s:
         notes = [s.get(TrainingRun, x.run_id).config["assistant"] for x in (r2, r3)]
