@@ -118,9 +118,15 @@ def test_training_with_a_frozen_bottom_leaves_it_untouched_and_caching_changes_n
     train_ex, val_ex, base = _small_run(tmp_path, tiny_encoder_dir)
     cached = train({**base, "out_dir": str(tmp_path / "cached"), "cache_frozen": True})
     plain = train({**base, "out_dir": str(tmp_path / "plain"), "cache_frozen": False})
-    # The cache is an optimisation only: same seed, same losses, same model.
+    # The cache is an optimisation only: same seed, same losses, same model, and the
+    # validation split (also run over its cached bottom) scores and calibrates the same.
+    assert len(cached["history"]) == len(plain["history"])
     for a, b in zip(cached["history"], plain["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.5 / len(val_ex))
+    assert cached["best_epoch"] == plain["best_epoch"]
+    assert cached["category"]["temperature"] == pytest.approx(
+        plain["category"]["temperature"], rel=1e-3)
     orig = AutoModel.from_pretrained(str(tiny_encoder_dir)).state_dict()
     w = load_file(str(tmp_path / "cached" / "model.safetensors"))
     for k, v in orig.items():
