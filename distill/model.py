@@ -196,19 +196,36 @@ def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
 
 @torch.inference_mode()
 def batched_logits(model: StudentModel, ids: list[list[int]], pad_id: int,
-                   device: torch.device, batch_size: int = 64,
-                   bf16: bool = True) -> dict[str, torch.Tensor]:
-    """Logits for every sequence, in input order, batched by length (little padding)."""
+                   device: torch.device, batch_size: int = 64, bf16: bool = True,
+                   bottom: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Logits for every sequence, in input order, batched by length (little padding).
+
+    ``bottom``: each sequence's hidden states after the model's frozen blocks, computed
+    once (``distill.train``'s cache); only the trainable top then runs, for the same logits.
+    """
     from distill.data import bucketed_batches, pad
 
     model.eval()
     out: dict[str, list] = {h: [None] * len(ids) for h in model.heads}
     for batch in bucketed_batches([len(s) for s in ids], batch_size, shuffle=False):
         input_ids, mask = pad([ids[i] for i in batch], pad_id)
+        mask = mask.to(device)
         with autocast_for(device, bf16):
-            logits = model(input_ids.to(device), mask.to(device))
+            if bottom is None:
+                logits = model(input_ids.to(device), mask)
+            else:
+                hidden = pad_hidden([bottom[i] for i in batch], mask.shape[1]).to(device)
+                logits = model.top(hidden, mask, model.frozen)
         for h, lg in logits.items():
             lg = lg.float().cpu()
             for j, i in enumerate(batch):
                 out[h][i] = lg[j]
     return {h: torch.stack(v) if v else torch.empty(0) for h, v in out.items()}
+
+
+def pad_hidden(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Unpadded (L_i, H) hidden states, zero-padded into one (B, length, H) batch."""
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for j, r in enumerate(rows):
+        out[j, :len(r)] = r
+    return out

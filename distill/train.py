@@ -26,7 +26,8 @@ from distill.calibrate import ece, fit_temperature
 from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_training_file
 from distill.losses import class_weights, head_loss
 from distill.memory import Memory, pretrained_embedding
-from distill.model import HEADS, StudentModel, autocast_for, batched_logits, pick_device
+from distill.model import (HEADS, StudentModel, autocast_for, batched_logits, pad_hidden,
+                           pick_device)
 from distill.thresholds import NEVER, choose_threshold
 
 FORMAT = 1
@@ -137,7 +138,7 @@ def train(run: dict) -> dict:
             idx = torch.tensor(batch)
             with autocast_for(device, cfg["bf16"]):
                 if cache is not None:
-                    hidden = _pad_hidden([cache[i] for i in batch], ids.shape[1]).to(device)
+                    hidden = pad_hidden([cache[i] for i in batch], ids.shape[1]).to(device)
                     logits = model.top(hidden, mask.to(device), frozen)
                 else:
                     logits = model(ids.to(device), mask.to(device))
@@ -158,7 +159,8 @@ def train(run: dict) -> dict:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # at mininterval
         # ---- evaluation on the validation split (early stopping) ----------------------
-        val_logits = _val_logits(model, va.ids, va_cache, tok.pad_token_id, device, cfg)
+        val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128,
+                                    cfg["bf16"], bottom=va_cache)
         score = _accuracy(val_logits["category"], va.hard["category"])
         history.append({"epoch": epoch, "train_loss": running / max(1, len(batches)),
                         "val_accuracy": score})
@@ -188,7 +190,8 @@ def train(run: dict) -> dict:
         val_emb = _embed(model, raw_top, va.ids, va_cache, tok, device, cfg)
 
     # ---- calibration and thresholds on the validation split ---------------------------
-    val_logits = _val_logits(model, va.ids, va_cache, tok.pad_token_id, device, cfg)
+    val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128, cfg["bf16"],
+                                bottom=va_cache)
     temperatures, thresholds, metrics = {}, {}, {"history": history,
                                                  "best_epoch": best["epoch"]}
     for h in HEADS:
@@ -300,28 +303,6 @@ def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device
 
 
 @torch.inference_mode()
-def _val_logits(model, ids: list[list[int]], cache, pad_id: int, device: torch.device,
-                cfg: dict) -> dict[str, torch.Tensor]:
-    """Logits of every validation example in input order: the trainable top over the cached
-    bottom when there is a cache (the same logits as the full forward), else the full
-    forward."""
-    if cache is None:
-        return batched_logits(model, ids, pad_id, device, 128, cfg["bf16"])
-    model.eval()
-    out = {h: torch.empty(len(ids), head.out_features) for h, head in model.heads.items()}
-    for batch in bucketed_batches([len(s) for s in ids], 128, shuffle=False):
-        _, m = pad([ids[i] for i in batch], pad_id)
-        m = m.to(device)
-        with autocast_for(device, cfg["bf16"]):
-            hidden = _pad_hidden([cache[i] for i in batch], m.shape[1]).to(device)
-            logits = model.top(hidden, m, model.frozen)
-        index = torch.tensor(batch)
-        for h, lg in logits.items():
-            out[h][index] = lg.float().cpu()
-    return out
-
-
-@torch.inference_mode()
 def _embed(model, raw_top, ids: list[list[int]], cache, tok, device: torch.device,
            cfg: dict) -> torch.Tensor:
     """Pretrained sentence embeddings (the memory's keys): the frozen bottom's output (the
@@ -332,7 +313,7 @@ def _embed(model, raw_top, ids: list[list[int]], cache, tok, device: torch.devic
         x, m = pad([ids[i] for i in batch], tok.pad_token_id)
         x, m = x.to(device), m.to(device)
         with autocast_for(device, cfg["bf16"]):
-            hidden = (_pad_hidden([cache[i] for i in batch], x.shape[1]).to(device)
+            hidden = (pad_hidden([cache[i] for i in batch], x.shape[1]).to(device)
                       if cache is not None else model.bottom(x, m, model.frozen))
             out[torch.tensor(batch)] = pretrained_embedding(model, raw_top, hidden, m).cpu()
     return out
@@ -348,13 +329,6 @@ def _split_matches(model, ids: list[list[int]], pad_id: int, device: torch.devic
         full = model(probe, mask)["category"]
         split = model.top(model.bottom(probe, mask, model.frozen), mask, model.frozen)
     return torch.allclose(full, split["category"], atol=1e-3, rtol=1e-3)
-
-
-def _pad_hidden(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
-    for j, r in enumerate(rows):
-        out[j, :len(r)] = r
-    return out
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
