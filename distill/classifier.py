@@ -17,6 +17,7 @@ import torch
 
 from distill.data import LabelSpace, bucketed_batches, pad
 from distill.errors import ModelFormatError
+from distill.lexical import Lexical
 from distill.memory import Memory
 from distill.model import HEADS, StudentModel, autocast_for, pick_device
 from storage.datasets import email_text
@@ -38,9 +39,10 @@ class Classifier:
                  temperatures: dict[str, float], thresholds: dict[str, dict],
                  max_input_tokens: int, device: torch.device, batch_size: int = 32,
                  bf16: bool = True, metrics: dict | None = None, config: dict | None = None,
-                 memory=None):
+                 memory=None, lexical=None):
         self.model = model.eval()
         self.memory = memory  # distill.memory.Memory, or None (trained without one)
+        self.lexical = lexical  # distill.lexical.Lexical, or None (trained without one)
         self.tokenizer = tokenizer
         self.labels = labels
         self.version = version
@@ -80,7 +82,7 @@ class Classifier:
                    thresholds=meta["thresholds"],
                    max_input_tokens=max_input_tokens or meta["max_input_tokens"],
                    device=dev, batch_size=batch_size, metrics=meta.get("metrics"),
-                   config=meta.get("config"), memory=memory)
+                   config=meta.get("config"), memory=memory, lexical=Lexical.load(d))
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -91,6 +93,7 @@ class Classifier:
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_input_tokens)[
             "input_ids"]
         out = {h: torch.empty(len(ids), len(self.labels.classes(h))) for h in HEADS}
+        lex = self.lexical.probabilities(texts) if self.lexical is not None else {}
         for batch in bucketed_batches([len(s) for s in ids], self.batch_size, shuffle=False):
             input_ids, mask = pad([ids[i] for i in batch], self.tokenizer.pad_token_id)
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
@@ -110,6 +113,8 @@ class Classifier:
                 p = torch.softmax(logits[h].float() / t, -1)
                 if emb is not None:
                     p = self.memory.mix(p, emb, h, sim=sim)
+                if h in lex:
+                    p = self.lexical.mix(p.cpu(), lex[h][index], h)
                 out[h][index] = p.cpu()
         return out
 

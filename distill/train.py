@@ -24,6 +24,7 @@ import torch
 
 from distill.calibrate import ece, fit_temperature
 from distill.data import IGNORE, LabelSpace, bucketed_batches, encode, pad, read_training_file
+from distill.lexical import Lexical
 from distill.losses import class_weights, head_loss
 from distill.memory import Memory, pretrained_embedding
 from distill.model import (HEADS, StudentModel, autocast_for, batched_logits, pad_hidden,
@@ -40,6 +41,7 @@ DEFAULTS = dict(
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=5, cache_frozen=True,
     cache_max_mb=2048, memory_weight=0.3, memory_k=10, memory_temperature=0.05,
+    lexical_weight=0.3,
 )
 
 
@@ -188,6 +190,22 @@ def train(run: dict) -> dict:
                         k=cfg["memory_k"], tau=cfg["memory_temperature"],
                         weight=cfg["memory_weight"])
         val_emb = _embed(model, raw_top, va.ids, va_cache, tok, device, cfg)
+    # The lexical view (distill.lexical): n-gram features and a regression per head, fitted
+    # on the same training split; mixed in after the memory, calibrated below.
+    lexical = val_lex = None
+    if cfg["lexical_weight"] > 0:
+        t = time.monotonic()
+        y_lex = {h: torch.where(tr.hard[h] == IGNORE, -1, tr.hard[h]).numpy()
+                 for h in trained_heads}
+        lexical = Lexical.fit([e.text for e in train_ex], y_lex,
+                              {h: len(labels.classes(h)) for h in trained_heads},
+                              sample_weight=tr.weight.numpy(), weight=cfg["lexical_weight"],
+                              max_chars=4 * cfg["max_input_tokens"])
+        if lexical is not None:
+            val_lex = lexical.probabilities([e.text for e in val_ex])
+            n_grams = sum(len(v.vocabulary_) for v in lexical.vectorizers.values())
+            log(cfg, f"lexical view: {n_grams} n-grams, heads {list(lexical.heads)}, fitted "
+                     f"in {time.monotonic() - t:.1f}s")
 
     # ---- calibration and thresholds on the validation split ---------------------------
     val_logits = batched_logits(model, va.ids, tok.pad_token_id, device, 128, cfg["bf16"],
@@ -211,6 +229,12 @@ def train(run: dict) -> dict:
             memory.mix_temperatures[h] = t2
             p_after = torch.softmax(log_mix / t2, -1)   # what Memory.mix now returns
             mixed = {"mix_temperature": t2, "val_accuracy_mixed": _accuracy(p_after, y)}
+        if lexical is not None and h in lexical.heads:   # then the lexical view, likewise
+            log_mix = lexical.mix(p_after, val_lex[h][keep], h, temperature=1.0).log()
+            t3 = fit_temperature(log_mix, y)
+            lexical.temperatures[h] = t3
+            p_after = torch.softmax(log_mix / t3, -1)   # what Lexical.mix now returns
+            mixed.update(lexical_temperature=t3, val_accuracy_lexical=_accuracy(p_after, y))
         conf, pred = p_after.max(-1)
         choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
                                   epsilon=cfg["epsilon"], delta=cfg["delta"],
@@ -220,7 +244,10 @@ def train(run: dict) -> dict:
         metrics[h] = {"val_accuracy": _accuracy(lg, y), "temperature": t,
                       "ece_before": ece(p_before, y), "ece_after": ece(p_after, y),
                       "n_val": int(keep.sum()), **mixed}
-        mem_note = f" then T2={mixed['mix_temperature']:.3f} on the memory mix" if mixed else ""
+        mem_note = (f" then T2={mixed['mix_temperature']:.3f} on the memory mix"
+                    if "mix_temperature" in mixed else "")
+        if "lexical_temperature" in mixed:
+            mem_note += f" then T3={mixed['lexical_temperature']:.3f} on the lexical mix"
         log(cfg, f"{h}: T={t:.3f}{mem_note} ECE {metrics[h]['ece_before']:.4f} -> "
                  f"{metrics[h]['ece_after']:.4f}, threshold {choice.threshold:.4f} "
                  f"covers {choice.coverage:.3f} (bound {choice.bound:.4f}, test started at "
@@ -241,6 +268,8 @@ def train(run: dict) -> dict:
               str(out_dir / "model.safetensors"))
     if memory is not None:
         memory.save(out_dir)
+    if lexical is not None:
+        lexical.save(out_dir)
     meta = {"format": FORMAT, "labels": labels.to_dict(), "temperatures": temperatures,
             "thresholds": thresholds, "metrics": metrics, "base_model": cfg["encoder"],
             "max_input_tokens": cfg["max_input_tokens"],

@@ -368,11 +368,12 @@ def test_scheduled_retrain_promotes_and_hot_reloads_then_rejects_a_worse_one(
                                      .where(DecisionRow.source == "student")))
         assert classified == {run.candidate_version: 30}
         assert versions <= {run.candidate_version}
-        # A worse candidate (an untrained head: learning rate ~0; and no memory, whose vote
-        # alone classifies this corpus well) is rejected and recorded.
+        # A worse candidate (an untrained head: learning rate ~0; and no memory or lexical
+        # view, whose votes alone classify this corpus well) is rejected and recorded.
         settings = load_settings(cfg)
         worse = retrain(db, **{**retrain_kwargs(settings), "learning_rate": 1e-9,
-                                "epochs": 1, "memory_weight": 0.0}, trigger="manual")
+                                "epochs": 1, "memory_weight": 0.0, "lexical_weight": 0.0},
+                        trigger="manual")
         assert worse.status == "succeeded" and not worse.promoted and worse.gate_reason
         with db.session() as s:
             assert s.scalar(select(ModelVersion.status).where(

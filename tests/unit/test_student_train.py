@@ -149,7 +149,8 @@ def test_memory_holds_the_pretrained_embeddings_and_mixes_its_vote(tmp_path,
     from distill.memory import MEMORY_FILE
 
     train_ex, val_ex, base = _small_run(tmp_path, tiny_encoder_dir)
-    base = {**base, "memory_weight": 0.4, "memory_k": 3, "epsilon": 0.1}
+    base = {**base, "memory_weight": 0.4, "memory_k": 3, "epsilon": 0.1,
+            "lexical_weight": 0.0}   # the memory alone: its mixture is checked by hand below
     m = train({**base, "out_dir": str(tmp_path / "mem")})
     assert m["category"]["mix_temperature"] > 0 and "val_accuracy_mixed" in m["category"]
     assert (tmp_path / "mem" / MEMORY_FILE).exists()
@@ -190,3 +191,79 @@ def test_memory_holds_the_pretrained_embeddings_and_mixes_its_vote(tmp_path,
     # reload: same probabilities
     again = Classifier.load(tmp_path / "mem", device="cpu").probabilities(queries)["category"]
     assert torch.allclose(again, mixed, atol=1e-5)
+
+
+def test_lexical_view_matches_sklearn_reloads_and_mixes_as_documented(tmp_path):
+    """distill.lexical: its probabilities are those of the same TF-IDF + logistic regression
+    fitted by sklearn directly (a class no training email had gets 0; a binary head is
+    its sigmoid), saved without pickle they reload to the same numbers, and the mixture is
+    (1 - w) p + w lexical under the stored temperature."""
+    import numpy as np
+    import torch
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from distill.lexical import COMMON, FEATURES, LEXICAL_FILE, Lexical
+
+    recs = synthetic_records(150, 4)
+    texts = [f"{r['subject']} {r['body']}" for r in recs]
+    cats = ["billing", "technical", "account", "never_seen"]
+    y_cat = np.array([cats.index(r["category"]) for r in recs])
+    y_reply = np.array([int(r["needs_reply"]) for r in recs])
+    lex = Lexical.fit(texts, {"category": y_cat, "needs_reply": y_reply,
+                              "priority": np.full(len(recs), -1)},
+                      {"category": 4, "needs_reply": 2, "priority": 3}, weight=0.25)
+    assert set(lex.heads) == {"category", "needs_reply"}   # no labels: no regression
+    queries = ["refund for my invoice please", "the login page shows an error", "hello"]
+    got = lex.probabilities(queries)
+
+    vecs = [TfidfVectorizer(**spec, **COMMON, dtype=np.float32) for spec in FEATURES.values()]
+    x = hstack([v.fit_transform(texts) for v in vecs]).tocsr()
+    xq = hstack([v.transform(queries) for v in vecs]).tocsr()
+    for head, y in (("category", y_cat), ("needs_reply", y_reply)):
+        want = LogisticRegression(C=10.0, max_iter=2000).fit(x, y).predict_proba(xq)
+        cols = sorted(set(y.tolist()))
+        assert torch.allclose(got[head][:, cols], torch.tensor(want, dtype=torch.float32),
+                              atol=1e-4), head
+    assert torch.all(got["category"][:, 3] == 0)            # never_seen: no training email
+    assert got["category"][0].argmax() == 0 and got["category"][1].argmax() in (1, 2)
+
+    lex.temperatures["category"] = 0.8
+    lex.save(tmp_path)
+    assert (tmp_path / LEXICAL_FILE).exists()
+    again = Lexical.load(tmp_path)
+    for head in got:
+        assert torch.equal(again.probabilities(queries)[head], got[head])
+    p = torch.softmax(torch.randn(3, 4), -1)
+    want = torch.softmax((0.75 * p + 0.25 * got["category"]).log() / 0.8, -1)
+    assert torch.allclose(again.mix(p, got["category"], "category"), want, atol=1e-6)
+    assert again.mix(p, None, "category") is p and again.mix(p, got["category"], "x") is p
+    assert Lexical.load(tmp_path / "nothing-here") is None
+    one_class = np.zeros(len(recs), dtype=int)
+    assert Lexical.fit(texts, {"category": one_class}, {"category": 4}) is None
+
+
+def test_training_fits_and_calibrates_the_lexical_view(tmp_path, tiny_encoder_dir):  # noqa: F811
+    import torch
+
+    from distill.lexical import LEXICAL_FILE
+
+    _, val_ex, base = _small_run(tmp_path, tiny_encoder_dir)
+    m = train({**base, "lexical_weight": 0.3, "out_dir": str(tmp_path / "lex")})
+    assert m["category"]["lexical_temperature"] > 0
+    assert 0.0 <= m["category"]["val_accuracy_lexical"] <= 1.0
+    clf = Classifier.load(tmp_path / "lex", device="cpu")
+    assert clf.lexical is not None and clf.lexical.weight == 0.3
+    assert clf.lexical.temperatures["category"] == pytest.approx(
+        m["category"]["lexical_temperature"])
+    queries = [e.text for e in val_ex[:10]]
+    mixed = clf.probabilities(queries)["category"]
+    lexical, clf.lexical = clf.lexical, None
+    without = clf.probabilities(queries)["category"]
+    assert not torch.allclose(mixed, without, atol=1e-3)
+    want = lexical.mix(without, lexical.probabilities(queries)["category"], "category")
+    assert torch.allclose(mixed, want, atol=1e-5)
+    train({**base, "lexical_weight": 0.0, "out_dir": str(tmp_path / "nolex")})
+    assert not (tmp_path / "nolex" / LEXICAL_FILE).exists()
+    assert Classifier.load(tmp_path / "nolex", device="cpu").lexical is None
