@@ -137,11 +137,12 @@ class StudentSettings(_Section):
     memory_temperature: float = Field(
         0.05, gt=0.0, description="Softmax temperature over their cosine similarities.")
     lexical_weight: float = Field(
-        0.3, ge=0.0, lt=1.0, description="Weight of the lexical view (TF-IDF word and "
+        0.0, ge=0.0, lt=1.0, description="Weight of the lexical view (TF-IDF word and "
         "character n-grams, a logistic regression per head, fitted on the same labels) in the "
-        "probabilities, mixed in after the memory; 0 turns it off. It ranks emails by "
-        "confidence better: Banking77 certified coverage at 2% risk +2.5 points with all "
-        "labels and with ten per intent (README, The student's lexical view).")
+        "probabilities, mixed in after the memory; 0: off (the default). On Banking77 at 0.3 "
+        "it raised the certified coverage at 2% risk by 2.5-4.6 points for students trained "
+        "on a records file, and lowered it by 3.5 for a replay's student trained on the SQL "
+        "log (README, Lexical view).")
     validation_split: Literal["auto", "time", "stable"] = Field(
         "auto", description="How retrain picks its validation and held-out examples: the "
         "newest (time), or by a hash of the message id from the representative labels, those "

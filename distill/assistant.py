@@ -31,8 +31,8 @@ from storage.datasets import TrainingExample, email_text, text_digest
 # A base-size encoder trains whole (nothing frozen, so no memory either) at a base model's
 # learning rate, with heads at 20x (at 3e-5 and 10x it was still under-trained after 10
 # epochs on 770 labels: 84.3% instead of 87.6%); epochs, not a step floor, bound its time.
-# Its soft labels were measured without the lexical view (README, The assistant teacher);
-# the student that learns them has one.
+# Its soft labels were measured without the lexical view (README, The assistant teacher),
+# which it keeps off whatever student.lexical_weight says.
 ASSISTANT_TRAINING = dict(freeze_layers=0, memory_weight=0.0, lexical_weight=0.0,
                           learning_rate=5e-5, head_lr_mult=20.0, batch_size=16, epochs=15,
                           min_steps=0, patience=4, warmup_fraction=0.1)

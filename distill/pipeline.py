@@ -107,7 +107,7 @@ def retrain(db, *, state_dir: Path, categories: Sequence[str], priorities: Seque
             batch_size: int = 32, epochs: int = 10, learning_rate: float = 1e-4,
             freeze_layers: int = 5, min_steps: int = 600, distill_alpha: float = 0.5,
             memory_weight: float = 0.3, memory_k: int = 10, memory_temperature: float = 0.05,
-            lexical_weight: float = 0.3, distill_temperature: float = 2.0,
+            lexical_weight: float = 0.0, distill_temperature: float = 2.0,
             gold_weight: float = 3.0, assistant_weight: float = 1.0, seed: int = 0,
             device: str = "auto",
             target_risk: float = 0.02, confidence_level: float = 0.95,

@@ -41,7 +41,7 @@ DEFAULTS = dict(
     num_threads=0, bf16=True, epsilon=0.02, delta=0.05, threshold_start=0.4, progress=True,
     max_seconds=0.0, min_steps=600, max_epochs=40, freeze_layers=5, cache_frozen=True,
     cache_max_mb=2048, memory_weight=0.3, memory_k=10, memory_temperature=0.05,
-    lexical_weight=0.3,
+    lexical_weight=0.0,
 )
 
 
