@@ -26,6 +26,14 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     return total
 
 
+def mix_views(probs: torch.Tensor, view: torch.Tensor, weight: float,
+                temperature: float) -> torch.Tensor:
+    """``(1 - weight) * probs + weight * view``, recalibrated: softmax(log(mixture) / T).
+    How the memory's vote and the lexical view join the classifier's probabilities."""
+    p = (1.0 - weight) * probs + weight * view
+    return torch.softmax(p.clamp(min=1e-12).log() / temperature, dim=-1)
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature minimising validation NLL (one parameter: accuracy is unchanged).
 

@@ -36,6 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from distill.calibrate import mix_views
+
 LEXICAL_FILE = "lexical.safetensors"
 LEXICAL_META = "lexical.json"
 FEATURES = {"word": dict(analyzer="word", ngram_range=(1, 2), min_df=1),
@@ -135,9 +137,8 @@ class Lexical:
         serves without this view)."""
         if lexical is None or head not in self.heads:
             return probs
-        p = (1.0 - self.weight) * probs + self.weight * lexical
         t = self.temperatures.get(head, 1.0) if temperature is None else temperature
-        return torch.softmax(p.clamp(min=1e-12).log() / t, dim=-1)
+        return mix_views(probs, lexical, self.weight, t)
 
     # ---- files ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:

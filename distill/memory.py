@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill.calibrate import mix_views
+
 MEMORY_FILE = "memory.safetensors"
 MEMORY_META = "memory.json"
 
@@ -92,9 +94,8 @@ class Memory(nn.Module):
         vote = self.knn(emb, head, probs.shape[-1], sim)
         if vote is None:
             return probs
-        p = (1.0 - self.weight) * probs + self.weight * vote
         t = self.mix_temperatures.get(head, 1.0) if temperature is None else temperature
-        return torch.softmax(p.clamp(min=1e-12).log() / t, dim=-1)
+        return mix_views(probs, vote, self.weight, t)
 
     # ---- files ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:

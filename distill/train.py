@@ -302,7 +302,8 @@ def _predict(out_dir: Path, cfg: dict) -> None:
 
 def _bottom_cache(model, ids: list[list[int]], pad_id: int, device: torch.device,
                   cfg: dict, split_ok: bool, what: str = "training") -> list[torch.Tensor] | None:
-    """Each training example's hidden states after the frozen blocks (unpadded, CPU).
+    """Each example's hidden states after the frozen blocks (unpadded, CPU); ``what`` names
+    the split in the log (training, val).
 
     None, and training runs the whole network, when caching is off, would exceed
     ``cache_max_mb``, or the split forward does not reproduce the full one (an encoder
