@@ -140,12 +140,6 @@ class Lexical:
         t = self.temperatures.get(head, 1.0) if temperature is None else temperature
         return mix_views(probs, lexical, self.weight, t)
 
-    def drop(self, head: str) -> None:
-        """Serve ``head`` without this view (its regression is not saved)."""
-        self.heads.pop(head, None)
-        self._coef_t.pop(head, None)
-        self.temperatures.pop(head, None)
-
     # ---- files ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
         from safetensors.numpy import save_file

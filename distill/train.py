@@ -232,19 +232,9 @@ def train(run: dict) -> dict:
         if lexical is not None and h in lexical.heads:   # then the lexical view, likewise
             log_mix = lexical.mix(p_after, val_lex[h][keep], h, temperature=1.0).log()
             t3 = fit_temperature(log_mix, y)
-            p_lex = torch.softmax(log_mix / t3, -1)   # what Lexical.mix would return
-            # Kept only where it makes the calibrated probabilities better on validation
-            # (lower NLL): with few labels (1,000 in the Banking77 replay) the regression
-            # is noisy, and the first student served with it certified nothing.
-            nll = {"val_nll_without_lexical": _nll(p_after, y), "val_nll_lexical": _nll(p_lex, y)}
-            kept = nll["val_nll_lexical"] < nll["val_nll_without_lexical"]
-            if kept:
-                lexical.temperatures[h] = t3
-                p_after = p_lex
-                mixed.update(lexical_temperature=t3, val_accuracy_lexical=_accuracy(p_after, y))
-            else:
-                lexical.drop(h)
-            mixed.update(lexical_kept=kept, **nll)
+            lexical.temperatures[h] = t3
+            p_after = torch.softmax(log_mix / t3, -1)   # what Lexical.mix now returns
+            mixed.update(lexical_temperature=t3, val_accuracy_lexical=_accuracy(p_after, y))
         conf, pred = p_after.max(-1)
         choice = choose_threshold(conf.numpy(), (pred == y).numpy(),
                                   epsilon=cfg["epsilon"], delta=cfg["delta"],
@@ -258,10 +248,6 @@ def train(run: dict) -> dict:
                     if "mix_temperature" in mixed else "")
         if "lexical_temperature" in mixed:
             mem_note += f" then T3={mixed['lexical_temperature']:.3f} on the lexical mix"
-        elif "lexical_kept" in mixed:
-            mem_note += (f" (lexical view dropped: validation NLL "
-                         f"{mixed['val_nll_lexical']:.4f} with it, "
-                         f"{mixed['val_nll_without_lexical']:.4f} without)")
         log(cfg, f"{h}: T={t:.3f}{mem_note} ECE {metrics[h]['ece_before']:.4f} -> "
                  f"{metrics[h]['ece_after']:.4f}, threshold {choice.threshold:.4f} "
                  f"covers {choice.coverage:.3f} (bound {choice.bound:.4f}, test started at "
@@ -270,8 +256,6 @@ def train(run: dict) -> dict:
         if thresholds[h].get("threshold") is None:
             thresholds[h] = {"trained": True, "threshold": NEVER, "epsilon": cfg["epsilon"],
                              "delta": cfg["delta"], "coverage": 0.0, "bound": 1.0, "n": 0}
-    if lexical is not None and not lexical.heads:   # dropped from every head
-        lexical = None
     metrics["train_seconds"] = time.monotonic() - t0
     metrics["n_train"], metrics["n_val"] = len(tr), len(va)
 
@@ -375,11 +359,6 @@ def _split_matches(model, ids: list[list[int]], pad_id: int, device: torch.devic
         full = model(probe, mask)["category"]
         split = model.top(model.bottom(probe, mask, model.frozen), mask, model.frozen)
     return torch.allclose(full, split["category"], atol=1e-3, rtol=1e-3)
-
-
-def _nll(probs: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the labels ``y`` under ``probs`` (N, classes)."""
-    return -probs.clamp(min=1e-12).log().gather(1, y[:, None]).mean().item()
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
