@@ -267,3 +267,63 @@ def test_training_fits_and_calibrates_the_lexical_view(tmp_path, tiny_encoder_di
     train({**base, "lexical_weight": 0.0, "out_dir": str(tmp_path / "nolex")})
     assert not (tmp_path / "nolex" / LEXICAL_FILE).exists()
     assert Classifier.load(tmp_path / "nolex", device="cpu").lexical is None
+
+
+def test_label_audit_lists_the_disagreements_and_tallies_verdicts(trained, tmp_path):
+    """scripts/bench/label_audit: every email where the student and the record differ, most
+    confident first; verdicts matched by (id, student label) and counted."""
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d, _, _ = trained
+    recs = synthetic_records(90, 2)   # the validation records
+    cats = sorted({r["category"] for r in recs})
+    flipped = {r["id"] for r in recs[:8]}
+    for r in recs[:8]:   # wrong records: the student, trained on the pattern, disagrees
+        r["category"] = cats[(cats.index(r["category"]) + 1) % len(cats)]
+    data = write_jsonl(tmp_path / "data.jsonl", recs)
+    clf = Classifier.load(d / "v1", device="cpu")
+    probs = clf.probabilities([e.text for e in read_records_file(data)])["category"]
+    pred = [clf.labels.classes("category")[i] for i in probs.argmax(-1).tolist()]
+    want = {r["id"]: p for r, p in zip(recs, pred) if p != r["category"]}
+    assert flipped & set(want)   # some wrong records are caught
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "label_audit"
+
+    def audit(*args, check=True):
+        return subprocess.run([sys.executable, str(script), "--model", str(d / "v1"),
+                               "--data", str(data), "--json", *args],
+                              capture_output=True, text=True, check=check)
+
+    first = json.loads(audit("--write", str(tmp_path / "v.tsv")).stdout)
+    with (tmp_path / "v.tsv").open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert {r["id"]: r["student"] for r in rows} == want
+    conf = [float(r["confidence"]) for r in rows]
+    assert conf == sorted(conf, reverse=True)
+    assert first["disagreements"] == len(want) and first["verdicts"] == {"?": len(want)}
+    assert first["accuracy"] == pytest.approx(1 - len(want) / 90)
+    assert first["to_remove_for_target"] == max(0, len(want) - int(0.055 * 90))
+
+    for r in rows:   # judge: the flipped records are wrong (G), the rest the student's (M)
+        r["verdict"] = "G" if r["id"] in flipped else "M"
+    with (tmp_path / "v.tsv").open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]), delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    second = json.loads(audit("--verdicts", str(tmp_path / "v.tsv")).stdout)
+    n_g = len(flipped & set(want))
+    assert second["verdicts"] == {k: v for k, v in
+                                  {"G": n_g, "M": len(want) - n_g}.items() if v}
+    assert second["accuracy_if_G_right"] == pytest.approx(1 - (len(want) - n_g) / 90)
+
+    rows[0]["verdict"] = "X"   # a verdict outside G/A/M is refused, naming the id
+    with (tmp_path / "bad.tsv").open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]), delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    bad = audit("--verdicts", str(tmp_path / "bad.tsv"), check=False)
+    assert bad.returncode != 0 and rows[0]["id"] in bad.stderr
