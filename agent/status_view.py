@@ -48,6 +48,15 @@ def render_status(snap: dict[str, Any]) -> str:
                          f"epsilon {a['epsilon']:.2%}"
                          + ("  ** BREACH: disagreement above the promise **" if a["breach"]
                             else ""))
+            st = a.get("settled") or {}
+            if a["disagreements"]:
+                open_n = a["disagreements"] - st.get("n", 0)
+                lines.append(
+                    f"disputes     {st.get('n', 0)} settled: the student right in "
+                    f"{st.get('student_right', 0)}, the teacher in "
+                    f"{st.get('teacher_right', 0)}, neither in {st.get('neither', 0)}"
+                    + (f"; {open_n} to settle (`understudy review disputes`)" if open_n
+                       else ""))
         else:
             lines.append(f"audits       none yet (promise epsilon {a['epsilon']:.2%})")
     w = snap.get("escalations_waiting")

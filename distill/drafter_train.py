@@ -107,13 +107,15 @@ def pairs_from_records(path: Path) -> list[ReplyPair]:
 def pairs_from_sql(db, *, since: datetime | None = None,
                    limit: int | None = None) -> list[ReplyPair]:
     """Teacher drafts from model_calls; a reviewer's final draft replaces the teacher's,
-    a rejected draft removes the pair. One pair per message, oldest first.
+    a rejected draft removes the pair, and so does an audit disagreement settled against
+    the teacher's category (``review settle``). One pair per message, oldest first.
 
     Each pair carries the teacher's rationale (``output["rationale"]``); after a human edit
     it is kept only if the reviewer left the category as the teacher had it (otherwise the
     rationale argues for an answer the human overruled)."""
     from sqlalchemy import select
 
+    from storage.audits import SETTLE
     from storage.models import Message, ModelCall, Review
 
     by_msg: dict[int, ReplyPair] = {}
@@ -134,8 +136,9 @@ def pairs_from_sql(db, *, since: datetime | None = None,
         rq = (select(Review, Message).join(Message, Review.message_id == Message.id)
               .order_by(Review.created_at, Review.id))
         for rev, msg in s.execute(rq):
-            if rev.action == "reject":
-                by_msg.pop(msg.id, None)
+            if rev.action == "reject" or (rev.action == SETTLE and rev.category is not None
+                                          and rev.category != teacher_cat.get(msg.id)):
+                by_msg.pop(msg.id, None)   # a settled audit the teacher misread: its draft too
             elif (rev.final_draft or "").strip():
                 prev = by_msg.get(msg.id)
                 same = rev.category is None or rev.category == teacher_cat.get(msg.id)

@@ -227,8 +227,8 @@ def claim_for_review(s: Session, draft_id: int, *, new_status: str,
     return res.rowcount == 1
 
 
-def add_review(s: Session, *, message_db_id: int, draft_id: int, action: str, reviewer: str,
-               category: str | None, priority: str | None, needs_reply: bool | None,
+def add_review(s: Session, *, message_db_id: int, draft_id: int | None, action: str,
+               reviewer: str, category: str | None, priority: str | None, needs_reply: bool | None,
                final_draft: str | None, reason: str | None, is_gold: bool = True) -> int:
     """Insert one reviews row (a gold label when ``is_gold``); returns its id."""
     r = Review(message_id=message_db_id, draft_id=draft_id, action=action, reviewer=reviewer,

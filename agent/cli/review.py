@@ -1,4 +1,5 @@
-"""`review list|show|approve|edit|reject|hash-password` and `serve` (the review web app)."""
+"""`review list|show|approve|edit|reject|disputes|settle|hash-password` and `serve` (the
+review web app)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from agent.cli.common import (
 
 review_app = typer.Typer(
     help="Review the drafts of escalated emails: approve (written to the account's Drafts "
-    "folder, or sent over SMTP for accounts with send_enabled), edit, or reject. Every decision is stored as a gold label for the next "
-    "retrain.", no_args_is_help=True)
+    "folder, or sent over SMTP for accounts with send_enabled), edit, or reject; settle the "
+    "audit disagreements between student and teacher. Every decision is stored as a gold "
+    "label for the next retrain.", no_args_is_help=True)
 
 AccountOpt = Annotated[Optional[str], typer.Option(
     "--account", help="Only this account (its name in the config). Default: all.")]
@@ -215,6 +217,75 @@ def review_reject(ctx: typer.Context,
     out = _run(svc.reject, draft_id, reviewer=_reviewer(reviewer), reason=reason,
                category=category, priority=priority, needs_reply=needs_reply)
     emit(_outcome_summary(out), out.__dict__, as_json)
+
+
+@review_app.command("disputes")
+def review_disputes(
+    ctx: typer.Context,
+    version: Annotated[Optional[str], typer.Option(
+        "--version", help="Only audits of this student version. Default: all.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
+    include_settled: Annotated[bool, typer.Option(
+        "--all", help="Also list the disputes already settled.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List audit disagreements, newest first: emails the student handled alone where the
+    teacher, auditing in shadow, chose another category.
+
+    Settle each with `understudy review settle ID --category C`: the answer is a gold label
+    for the next retrain, and `understudy status` counts whom the settled ones proved right
+    (the student, the teacher, or neither).
+    """
+    from storage.audits import list_disputes
+
+    items = list_disputes(app_context(ctx).database(), student_version=version,
+                          include_settled=include_settled, limit=limit)
+    if as_json:
+        emit("", {"count": len(items), "items": [
+            {**d.__dict__, "proved_right": d.proved_right} for d in items]}, True)
+        return
+    for d in items:
+        done = f"  [settled: {d.settled} by {d.settled_by or '?'}]" if d.settled else ""
+        typer.echo(f"{d.message_db_id:>6}  student {d.student_category or '?'}"
+                   f" ({d.student_version or '?'})  teacher {d.teacher_category or '?'}"
+                   f"  {d.subject[:50] or d.text[:50]!r}{done}")
+    typer.echo(f"{len(items)} dispute(s)" + ("" if include_settled else " to settle")
+               + ("; settle one with `understudy review settle ID --category C`"
+                  if items and not include_settled else ""))
+
+
+@review_app.command("settle")
+def review_settle(ctx: typer.Context,
+                  message_db_id: Annotated[int, typer.Argument(
+                      metavar="ID", help="Email id (see `review disputes`).")],
+                  category: Annotated[str, typer.Option(
+                      "--category", help="The right category (required): the student's, "
+                      "the teacher's or another from the taxonomy.")],
+                  priority: Annotated[Optional[str], typer.Option(
+                      "--priority", help="Also record the priority (default: none).")] = None,
+                  needs_reply: Annotated[Optional[bool], typer.Option(
+                      "--needs-reply/--no-needs-reply",
+                      help="Also record needs-reply (default: none).")] = None,
+                  reviewer: ReviewerOpt = None, as_json: JsonOpt = False) -> None:
+    """Settle an audit disagreement: record the right category as a gold label.
+
+    The student's decision stands (the email was handled); its category keyword is
+    corrected when the answer differs from it. Settling again replaces the answer.
+    """
+    from agent.review.delivery import actions_from_settings, relabelers_from_settings
+    from agent.review.disputes import settle
+
+    actx = app_context(ctx)
+    settings = actx.settings
+    out = _run(settle, actx.database(), message_db_id, category=category,
+               reviewer=_reviewer(reviewer), categories=list(settings.taxonomy.categories),
+               priorities=list(settings.taxonomy.priorities), priority=priority,
+               needs_reply=needs_reply,
+               relabel_for=relabelers_from_settings(settings, actions_from_settings(settings)))
+    who = {"student_right": "the student was right", "teacher_right": "the teacher was right",
+           "neither": "neither was right"}[out.proved_right]
+    emit(f"email {out.message_db_id} settled as {out.category}: {who}"
+         + ("" if out.changed else " (it already was)"), out.__dict__, as_json)
 
 
 @review_app.command("hash-password")

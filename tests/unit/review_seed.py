@@ -86,3 +86,29 @@ def seed_escalated(db, *, account: str = "test", address: str = "demo@localhost"
                         "message_id": m.message_id, "raw": raw, "subject": subject,
                         "draft": draft, "received": when})
     return out
+
+
+def seed_audited(db, pairs: list[tuple[str, str]], *, version: str = "v1",
+                 account: str = "test", start: int = 100) -> list[int]:
+    """Emails the student handled alone and the teacher audited in shadow: one per
+    (student category, teacher category) pair, the decision the student's, the audit row as
+    the worker writes it (agent.audit.audit_output). Returns the message db ids."""
+    from agent.audit import audit_output
+    from storage.calls import record_call
+
+    ids = []
+    for k, (student, teacher) in enumerate(pairs):
+        i = start + k
+        seeded = seed_escalated(db, account=account, n=1, start=i, category=student)[0]
+        with db.session() as s:
+            s.delete(s.get(DraftRow, seeded["draft_id"]))
+            dec = s.scalar(select(DecisionRow).where(
+                DecisionRow.message_id == seeded["message_db_id"]))
+            dec.source, dec.model_version, dec.escalated, dec.audited = (
+                "student", version, False, True)
+            record_call(s, message_id=seeded["message_db_id"], role="teacher",
+                        purpose="audit", backend="claude", model_id="claude-sonnet-4-5",
+                        output=audit_output(version, student, teacher,
+                                            {"priority": "normal", "needs_reply": True}))
+        ids.append(seeded["message_db_id"])
+    return ids

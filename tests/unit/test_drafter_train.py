@@ -48,7 +48,7 @@ def test_pairs_from_sql_prefer_human_edits_and_drop_rejected_drafts(sqlite_db):
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     with sqlite_db.session() as s:
         msgs = [Message(content_hash=str(i), subject=f"s{i}", body_text=f"body {i}",
-                        new_text=f"new {i}", from_addr=f"u{i}@x.org") for i in range(5)]
+                        new_text=f"new {i}", from_addr=f"u{i}@x.org") for i in range(6)]
         s.add_all(msgs)
         s.flush()
         for i, m in enumerate(msgs):
@@ -65,6 +65,12 @@ def test_pairs_from_sql_prefer_human_edits_and_drop_rejected_drafts(sqlite_db):
         # a human who changes the category overrules the teacher's rationale too
         s.add(Review(message_id=msgs[4].id, action="edit", category="billing",
                      final_draft="human reply 4", created_at=t0 + timedelta(minutes=12)))
+        # a settled audit disagreement: the teacher's draft stays where its category was
+        # right, goes where a person said the teacher misread the email
+        s.add(Review(message_id=msgs[0].id, action="settle", category="other",
+                     created_at=t0 + timedelta(minutes=13)))
+        s.add(Review(message_id=msgs[5].id, action="settle", category="billing",
+                     created_at=t0 + timedelta(minutes=14)))
         s.commit()
     pairs = pairs_from_sql(sqlite_db)
     got = {p.email.new_text: (p.reply, p.source, p.rationale) for p in pairs}
