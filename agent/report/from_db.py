@@ -215,6 +215,13 @@ def collect_from_db(db: Database, *, epsilon: float | None = None,
         "saved": 1 - total_spend / (n * mean_cost) if n and mean_cost else None,
         "active_model": version or "none (cold start)",
     }
+    if a_k:   # whom the disagreements a person settled proved right (review settle)
+        from storage.audits import audit_summary
+
+        st = audit_summary(db, epsilon=epsilon or 0.0)["settled"]
+        summary["disputes_settled"] = (
+            f"{st['n']} of {a_k}: student right {st['student_right']}, teacher right "
+            f"{st['teacher_right']}, neither {st['neither']}")
     return ReportData(
         title=title, source=f"database {db.redacted_url()}",
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

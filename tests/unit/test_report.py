@@ -245,3 +245,22 @@ def test_recorded_teacher_spend_is_estimated_at_configured_prices(sqlite_db):
     assert d.summary["teacher_spend_estimated_usd"] > 0
     assert any("estimated" in n for n in d.notes)
     assert "spend" in images(render_html(d))
+
+
+def test_report_counts_whom_the_settled_disputes_proved_right(sqlite_db):
+    from agent.review.disputes import settle
+    from storage.audits import list_disputes
+
+    _small_db(sqlite_db)
+    d = collect_from_db(sqlite_db, epsilon=0.02)
+    k = audit_summary(sqlite_db, epsilon=0.02)["disagreements"]
+    assert k > 0
+    assert d.summary["disputes_settled"] == (
+        f"0 of {k}: student right 0, teacher right 0, neither 0")
+    first = list_disputes(sqlite_db)[0]
+    settle(sqlite_db, first.message_db_id, category=first.student_category, reviewer="ann",
+           categories=["billing", "technical", "account"])
+    d = collect_from_db(sqlite_db, epsilon=0.02)
+    assert d.summary["disputes_settled"] == (
+        f"1 of {k}: student right 1, teacher right 0, neither 0")
+    assert "disputes settled" in render_html(d)
