@@ -272,18 +272,11 @@ def review_settle(ctx: typer.Context,
     The student's decision stands (the email was handled); its category keyword is
     corrected when the answer differs from it. Settling again replaces the answer.
     """
-    from agent.review.delivery import actions_from_settings, relabelers_from_settings
-    from agent.review.disputes import settle
+    out = _run(_service(ctx).settle, message_db_id, category=category,
+               reviewer=_reviewer(reviewer), priority=priority, needs_reply=needs_reply)
+    from agent.review.app import PROVED
 
-    actx = app_context(ctx)
-    settings = actx.settings
-    out = _run(settle, actx.database(), message_db_id, category=category,
-               reviewer=_reviewer(reviewer), categories=list(settings.taxonomy.categories),
-               priorities=list(settings.taxonomy.priorities), priority=priority,
-               needs_reply=needs_reply,
-               relabel_for=relabelers_from_settings(settings, actions_from_settings(settings)))
-    who = {"student_right": "the student was right", "teacher_right": "the teacher was right",
-           "neither": "neither was right"}[out.proved_right]
+    who = PROVED[out.proved_right]
     emit(f"email {out.message_db_id} settled as {out.category}: {who}"
          + ("" if out.changed else " (it already was)"), out.__dict__, as_json)
 

@@ -1,4 +1,5 @@
-"""The review web app: a keyboard-driven queue of escalated drafts (FastAPI, server-rendered).
+"""The review web app: a keyboard-driven queue of escalated drafts (FastAPI, server-rendered),
+and a page of audit disagreements to settle (``/disputes``).
 
 Pages are rendered by Jinja2 with autoescaping; email HTML passes through
 :func:`agent.review.sanitize.sanitize_html` first. The only script is ``static/review.js``
@@ -29,6 +30,7 @@ from agent.review.auth import SESSION_COOKIE, Authenticator, Session, SessionSto
 from agent.review.errors import ReviewError
 from agent.review.sanitize import blocked_image_hosts, sanitize_html
 from agent.review.service import ReviewService, parse_age
+from storage.audits import list_disputes
 from storage.reviews import count_queue, list_queue, queue_counts
 
 HERE = Path(__file__).parent
@@ -44,6 +46,8 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
 LOGIN_FAILURES_PER_MINUTE = 10
+PROVED = {"student_right": "the student was right", "teacher_right": "the teacher was right",
+          "neither": "neither was right"}
 
 
 class _LoginThrottle:
@@ -322,6 +326,37 @@ def create_app(*, service: ReviewService, authenticator: Authenticator,
         if sess is not None:
             sess.flash.append(("ok", f"Draft {draft_id} rejected"))
         return back_to_queue(request, _next_after(request, draft_id))
+
+    @app.get("/disputes")
+    def disputes(request: Request) -> Response:
+        """Audit disagreements to settle (agent.review.disputes), newest first."""
+        sess = session_of(request)
+        if not bearer_ok(request) and (sess is None or not sess.authenticated):
+            return RedirectResponse("/login", 303)
+        flash = sess.flash.pop() if sess is not None and sess.flash else None
+        return render("disputes.html", items=list_disputes(service.db, limit=queue_limit),
+                      counts=queue_counts(service.db), categories=service.categories,
+                      csrf=sess.csrf if sess else "", flash=flash,
+                      user=sess.user if sess else None)
+
+    @app.post("/disputes/{message_db_id}/settle")
+    def settle(request: Request, message_db_id: int, csrf_token: str = Form(""),
+               category: str = Form("")) -> Response:
+        sess, err = guard_post(request, csrf_token)
+        if err is not None:
+            return err
+        try:
+            out = service.settle(message_db_id, category=category,
+                                 reviewer=sess.user if sess else "token")
+        except ReviewError as e:
+            if sess is None:
+                return PlainTextResponse(str(e), status_code=409)
+            sess.flash.append(("error", str(e)))
+            return RedirectResponse("/disputes", 303)
+        if sess is not None:
+            sess.flash.append(("ok", f"Email {message_db_id} settled as {out.category}: "
+                               + PROVED[out.proved_right]))
+        return RedirectResponse("/disputes", 303)
 
     def _failed(sess: Session | None, request: Request, draft_id: int,
                 e: ReviewError) -> Response:

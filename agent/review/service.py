@@ -258,6 +258,16 @@ class ReviewService:
             raise AlreadyReviewed(f"draft {draft_id} was {item.status} meanwhile")
         return self._outcome(item, changed=won)
 
+    def settle(self, message_db_id: int, *, category: str, reviewer: str,
+               priority: str | None = None, needs_reply: bool | None = None):
+        """Settle an audit disagreement with a gold label (:mod:`agent.review.disputes`)."""
+        from agent.review.disputes import settle
+
+        return settle(self.db, message_db_id, category=category, reviewer=reviewer,
+                      categories=self.categories, priorities=self.priorities,
+                      priority=priority, needs_reply=needs_reply,
+                      relabel_for=self._relabel_for)
+
     # -- helpers ----------------------------------------------------------------------
 
     def _labels(self, item: ReviewItem, category: str | None, priority: str | None,

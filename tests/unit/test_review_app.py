@@ -330,3 +330,49 @@ def test_failed_delivery_is_shown_and_retried_from_the_page(env):
     r = client.post(f"/items/{s['draft_id']}/approve", data=form)
     assert list(folder.drafts.values()) == [(s["message_id"], "Edited")]
     assert "Nothing waiting for review" in r.text
+
+
+def test_disputes_page_settles_audit_disagreements(env):
+    from storage.audits import list_disputes
+    from tests.unit.review_seed import seed_audited
+
+    client, _, db = env
+    a, b = seed_audited(db, [("billing", "account"), ("technical", "billing")])
+    assert client.get("/disputes", follow_redirects=False).headers["location"] == "/login"
+    csrf = login(client)
+    assert 'href="/disputes"' in client.get("/").text
+    page = client.get("/disputes")
+    assert page.status_code == 200 and page.headers["content-security-policy"] == CSP
+    assert f'id="dispute-{a}"' in page.text and f'id="dispute-{b}"' in page.text
+    assert "2 disputes to settle" in page.text
+    assert 'value="account">teacher: account' in page.text
+    assert "<script" not in page.text.replace('<script src="/static/review.js" defer>', "")
+
+    # no CSRF token: refused, nothing stored
+    r = client.post(f"/disputes/{a}/settle", data={"category": "billing"},
+                    follow_redirects=False)
+    assert r.status_code == 403
+    assert len(list_disputes(db)) == 2
+
+    r = client.post(f"/disputes/{a}/settle", data={"category": "billing",
+                                                   "csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/disputes"
+    page = client.get("/disputes").text
+    assert f"Email {a} settled as billing: the student was right" in page
+    assert f'id="dispute-{a}"' not in page and "1 dispute to settle" in page
+    settled = list_disputes(db, include_settled=True)
+    assert {d.message_db_id: (d.settled, d.settled_by) for d in settled}[a] == ("billing", "ana")
+
+    r = client.post(f"/disputes/{b}/settle", data={"category": "bogus", "csrf_token": csrf})
+    assert "unknown category &#39;bogus&#39;" in r.text or "unknown category 'bogus'" in r.text
+    # a script or tool with the bearer token gets the error as text
+    r = TestClient(client.app).post(f"/disputes/{b}/settle", data={"category": "bogus"},
+                                    headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 409 and "unknown category" in r.text
+    r = TestClient(client.app).post(f"/disputes/{b}/settle", data={"category": "other"},
+                                    headers={"Authorization": f"Bearer {TOKEN}"},
+                                    follow_redirects=False)
+    assert r.status_code == 303
+    assert list_disputes(db) == []
+    assert {d.message_db_id: d.settled_by for d in
+            list_disputes(db, include_settled=True)}[b] == "token"
