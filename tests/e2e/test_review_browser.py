@@ -4,8 +4,10 @@ Three escalated emails (plus one with hostile HTML) are APPENDed to the Dovecot 
 seeded in SQL as teacher decisions with pending drafts. The real review app runs under
 uvicorn on a free 127.0.0.1 port; Chromium (Debian's, driven by Playwright) logs in,
 approves one draft with the keyboard, edits and approves another, rejects a third, and
-opens the hostile email. Then the Dovecot Drafts folder must hold exactly the two
-approved replies with \\Draft and the threading headers, and SQL the gold labels.
+opens the hostile email, then settles an audit disagreement on the disputes page. Then
+the Dovecot Drafts folder must hold exactly the two approved replies with \\Draft and the
+threading headers, the audited email the settled category's keyword, and SQL the gold
+labels.
 Screenshot: test-artifacts/review-queue.png.
 """
 
@@ -26,7 +28,7 @@ from agent.review import build_review_app
 from config import AccountSettings, Settings
 from storage.models import DraftRow, Message
 from storage.reviews import get_item, gold_labels
-from tests.unit.review_seed import seed_escalated
+from tests.unit.review_seed import seed_audited, seed_escalated
 
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
@@ -139,7 +141,12 @@ def test_review_in_browser_writes_two_drafts_to_dovecot(dovecot, sqlite_db, stat
     seeded = seed_escalated(db, account="test", address=dovecot.user, n=3, ages_h=[0.1, 1, 2])
     hostile = seed_escalated(db, account="test", address=dovecot.user, n=1, start=3,
                              ages_h=[5], html=HOSTILE_HTML)
-    _append_to_inbox(dovecot, db, seeded + hostile)
+    # An email the student handled alone (billing) that the teacher's audit put in account.
+    [audited_id] = seed_audited(db, [("billing", "account")], account="test", start=9)
+    with db.session() as sess:
+        m = sess.get(Message, audited_id)
+        audited = {"message_db_id": audited_id, "raw": m.raw, "message_id": m.message_id}
+    _append_to_inbox(dovecot, db, seeded + hostile + [audited])
     first, second, third = seeded
     edited_text = "Hello,\n\nWe have refunded the duplicate charge today.\n\nKind regards,\nAna"
 
@@ -213,6 +220,15 @@ def test_review_in_browser_writes_two_drafts_to_dovecot(dovecot, sqlite_db, stat
             expect(page.locator(".email")).to_contain_text("Remote images blocked")
             assert page.url.startswith(srv.url)            # no meta refresh happened
             page.screenshot(path=str(ARTIFACTS / "review-hostile-email.png"), full_page=True)
+
+            # 5. Settle the audit disagreement: the teacher was right.
+            page.click("#disputes-link")
+            expect(page.locator("article.dispute")).to_have_count(1)
+            page.screenshot(path=str(ARTIFACTS / "review-disputes.png"), full_page=True)
+            page.click(f"#dispute-{audited_id} button:has-text('teacher: account')")
+            expect(page.locator("#flash")).to_contain_text(
+                f"Email {audited_id} settled as account: the teacher was right")
+            expect(page.locator("article.dispute")).to_have_count(0)
             assert csp_violations == [], csp_violations     # our own page needs no exceptions
         finally:
             browser.close()
@@ -245,13 +261,17 @@ def test_review_in_browser_writes_two_drafts_to_dovecot(dovecot, sqlite_db, stat
     assert {"understudy:category:account", "understudy:priority:high"} <= flags[
         second["message_id"]]
     assert not any(f.startswith("understudy:") for f in flags[first["message_id"]])
+    # the settled category is on the audited email (the student's decision said billing)
+    assert {"understudy:category:account", "understudy:priority:normal"} <= flags[
+        audited["message_id"]]
 
     # SQL: draft states and the gold labels the next retrain will weigh higher.
     assert get_item(db, first["draft_id"]).delivered
     assert get_item(db, second["draft_id"]).final_draft == edited_text
     assert get_item(db, third["draft_id"]).status == "rejected"
     gold = {g["message_db_id"]: g for g in gold_labels(db)}
-    assert set(gold) == {s["message_db_id"] for s in seeded}
+    assert set(gold) == {s["message_db_id"] for s in seeded} | {audited_id}
+    assert (gold[audited_id]["action"], gold[audited_id]["category"]) == ("settle", "account")
     assert (gold[first["message_db_id"]]["action"], gold[first["message_db_id"]]["category"]
             ) == ("approve", "billing")
     g2 = gold[second["message_db_id"]]
