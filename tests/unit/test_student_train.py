@@ -319,6 +319,16 @@ def test_label_audit_lists_the_disagreements_and_tallies_verdicts(trained, tmp_p
     assert second["verdicts"] == {k: v for k, v in
                                   {"G": n_g, "M": len(want) - n_g}.items() if v}
     assert second["accuracy_if_G_right"] == pytest.approx(1 - (len(want) - n_g) / 90)
+    # the mail the student would handle alone: its most confident share, and the threshold
+    cuts = {h["cut"]: h for h in second["handled"]}
+    assert set(cuts) == {"threshold", "coverage 0.8", "coverage 0.9"}
+    top = sorted(range(90), key=lambda i: -probs[i].max().item())[:81]
+    in_top = {recs[i]["id"] for i in top} & set(want)
+    assert (cuts["coverage 0.9"]["emails"], cuts["coverage 0.9"]["disagreements"]) == (
+        81, len(in_top))
+    assert sum(cuts["coverage 0.9"]["verdicts"].values()) == len(in_top)
+    assert cuts["threshold"]["emails"] == int((probs.max(-1).values
+                                               >= clf.threshold("category")).sum())
 
     rows[0]["verdict"] = "X"   # a verdict outside G/A/M is refused, naming the id
     with (tmp_path / "bad.tsv").open("w", newline="") as f:
