@@ -68,7 +68,7 @@ def audit_summary(db: Database, *, epsilon: float, level: float = 0.95,
             ModelCall.purpose == "audit", ModelCall.error.is_(None))).all()
         rows = [(mid, o) for mid, o in rows if isinstance(o, dict) and "agree" in o
                 and (student_version is None or o.get("student_version") == student_version)]
-        gold = _gold_categories(s, [mid for mid, o in rows if not o["agree"]])
+        gold = _gold_reviews(s, [mid for mid, o in rows if not o["agree"]])
     n = len(rows)
     k = sum(1 for _, o in rows if not o["agree"])
     lo, hi = clopper_pearson(k, n, level)
@@ -76,7 +76,7 @@ def audit_summary(db: Database, *, epsilon: float, level: float = 0.95,
     for mid, o in rows:
         if not o["agree"] and mid in gold:
             settled["n"] += 1
-            settled[_whom(gold[mid], o.get("student_category"),
+            settled[_whom(gold[mid][0], o.get("student_category"),
                           o.get("teacher_category", o.get("category")))] += 1
     return {"student_version": student_version, "n": n, "disagreements": k,
             "rate": (k / n) if n else None, "interval": [round(lo, 6), round(hi, 6)],
@@ -117,7 +117,7 @@ def list_disputes(db: Database, *, student_version: str | None = None,
     >>> list_disputes(db, limit=20)       # doctest: +SKIP
     [Dispute(message_db_id=412, student_category='billing', teacher_category='account', ...)]
     """
-    from storage.models import Message, ModelCall, Review
+    from storage.models import Message, ModelCall
 
     q = (select(ModelCall.message_id, ModelCall.output, ModelCall.created_at, Message.subject,
                 Message.new_text, Message.body_text)
@@ -133,11 +133,7 @@ def list_disputes(db: Database, *, student_version: str | None = None,
                 and r.output.get("agree") is False
                 and (student_version is None
                      or r.output.get("student_version") == student_version)]
-        ids = [r.message_id for r in rows]
-        gold = _gold_categories(s, ids)
-        who = dict(s.execute(select(Review.message_id, Review.reviewer).where(
-            Review.message_id.in_(ids), Review.is_gold.is_(True),
-            Review.category.is_not(None)).order_by(Review.id)).all()) if ids else {}
+        gold = _gold_reviews(s, [r.message_id for r in rows])
     for r in rows:
         if r.message_id in seen or (r.message_id in gold and not include_settled):
             continue
@@ -149,23 +145,23 @@ def list_disputes(db: Database, *, student_version: str | None = None,
             student_version=o.get("student_version"),
             student_category=o.get("student_category"),
             teacher_category=o.get("teacher_category", o.get("category")),
-            audited_at=r.created_at, settled=gold.get(r.message_id),
-            settled_by=who.get(r.message_id)))
+            audited_at=r.created_at, settled=gold.get(r.message_id, (None, None))[0],
+            settled_by=gold.get(r.message_id, (None, None))[1]))
         if len(out) >= limit:
             break
     return out
 
 
-def _gold_categories(s, message_ids: list[int]) -> dict[int, str]:
-    """The newest gold category per message (reviews with a category), for these ids."""
+def _gold_reviews(s, message_ids: list[int]) -> dict[int, tuple[str, str]]:
+    """(category, reviewer) of the newest gold review with a category, per message."""
     from storage.models import Review
 
     if not message_ids:
         return {}
-    rows = s.execute(select(Review.message_id, Review.category).where(
+    rows = s.execute(select(Review.message_id, Review.category, Review.reviewer).where(
         Review.message_id.in_(message_ids), Review.is_gold.is_(True),
         Review.category.is_not(None)).order_by(Review.id)).all()
-    return dict(rows)   # later rows (newer reviews) overwrite earlier ones
+    return {mid: (cat, who) for mid, cat, who in rows}   # newer reviews overwrite older
 
 
 def _whom(gold: str, student: str | None, teacher: str | None) -> str:

@@ -274,7 +274,7 @@ def review_settle(ctx: typer.Context,
     """
     out = _run(_service(ctx).settle, message_db_id, category=category,
                reviewer=_reviewer(reviewer), priority=priority, needs_reply=needs_reply)
-    from agent.review.app import PROVED
+    from agent.review.disputes import PROVED
 
     who = PROVED[out.proved_right]
     emit(f"email {out.message_db_id} settled as {out.category}: {who}"

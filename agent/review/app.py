@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 
 from agent.logs import get_logger
 from agent.review.auth import SESSION_COOKIE, Authenticator, Session, SessionStore, csrf_ok
+from agent.review.disputes import PROVED
 from agent.review.errors import ReviewError
 from agent.review.sanitize import blocked_image_hosts, sanitize_html
 from agent.review.service import ReviewService, parse_age
@@ -46,8 +47,6 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
 LOGIN_FAILURES_PER_MINUTE = 10
-PROVED = {"student_right": "the student was right", "teacher_right": "the teacher was right",
-          "neither": "neither was right"}
 
 
 class _LoginThrottle:

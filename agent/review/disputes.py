@@ -16,7 +16,7 @@ Settled(message_db_id=412, category='billing', proved_right='student_right', cha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from sqlalchemy import select
@@ -26,6 +26,11 @@ from agent.review.errors import InvalidCorrection, ReviewError
 from storage.audits import SETTLE, Dispute, list_disputes
 from storage.db import Database
 from storage.reviews import add_review, email_from_row
+
+
+# How a settled dispute reads, by whom it proved right (Dispute.proved_right).
+PROVED = {"student_right": "the student was right", "teacher_right": "the teacher was right",
+          "neither": "neither was right"}
 
 
 class DisputeNotFound(ReviewError):
@@ -75,11 +80,11 @@ def settle(db: Database, message_db_id: int, *, category: str, reviewer: str,
         log.info("review.settled", category=category, student=dispute.student_category,
                  teacher=dispute.teacher_category)
         _relabel(db, message_db_id, category, priority, relabel_for, log)
-    settled = Dispute(**{**dispute.__dict__, "settled": category})
     return Settled(message_db_id=message_db_id, category=category,
                    student_category=dispute.student_category,
                    teacher_category=dispute.teacher_category,
-                   proved_right=settled.proved_right or "neither", changed=changed)
+                   proved_right=replace(dispute, settled=category).proved_right,
+                   changed=changed)
 
 
 def _relabel(db: Database, message_db_id: int, category: str, priority: str | None,
