@@ -76,8 +76,7 @@ def audit_summary(db: Database, *, epsilon: float, level: float = 0.95,
     for mid, o in rows:
         if not o["agree"] and mid in gold:
             settled["n"] += 1
-            settled[_whom(gold[mid][0], o.get("student_category"),
-                          o.get("teacher_category", o.get("category")))] += 1
+            settled[_whom(gold[mid][0], o.get("student_category"), _teacher(o))] += 1
     return {"student_version": student_version, "n": n, "disagreements": k,
             "rate": (k / n) if n else None, "interval": [round(lo, 6), round(hi, 6)],
             "level": level, "epsilon": epsilon, "breach": bool(n and lo > epsilon),
@@ -144,7 +143,7 @@ def list_disputes(db: Database, *, student_version: str | None = None,
             text=(r.new_text or r.body_text or "").strip(),
             student_version=o.get("student_version"),
             student_category=o.get("student_category"),
-            teacher_category=o.get("teacher_category", o.get("category")),
+            teacher_category=_teacher(o),
             audited_at=r.created_at, settled=gold.get(r.message_id, (None, None))[0],
             settled_by=gold.get(r.message_id, (None, None))[1]))
         if len(out) >= limit:
@@ -162,6 +161,11 @@ def _gold_reviews(s, message_ids: list[int]) -> dict[int, tuple[str, str]]:
         Review.message_id.in_(message_ids), Review.is_gold.is_(True),
         Review.category.is_not(None)).order_by(Review.id)).all()
     return {mid: (cat, who) for mid, cat, who in rows}   # newer reviews overwrite older
+
+
+def _teacher(output: dict) -> str | None:
+    """The teacher's category in an audit row (agent.audit.audit_output writes both keys)."""
+    return output.get("teacher_category", output.get("category"))
 
 
 def _whom(gold: str, student: str | None, teacher: str | None) -> str:
